@@ -1,0 +1,1 @@
+"""Deliberate: CLI and settings that wire the server, the worker and the store."""
