@@ -1,0 +1,37 @@
+"""Subcommands of the `deliberate` CLI and the flags they share with `Settings`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, get_args
+
+from deliberate.settings import Settings
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Add `--<name>` flags mirroring `Settings` fields; unset flags fall back to env vars."""
+    group = parser.add_argument_group("settings (also env vars DELIBERATE_<NAME>)")
+    for name in names:
+        field = Settings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = f"{field.description} (default: {default})"
+        if field.annotation is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
+        group.add_argument(
+            flag, default=None, metavar=name.upper(), choices=choices or None, help=help_text
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from env vars, overridden by whichever mirrored flags were given."""
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if name in Settings.model_fields and value is not None
+    }
+    return Settings(**overrides)

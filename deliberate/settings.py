@@ -1,0 +1,49 @@
+"""The one settings object. Every field is an env var `DELIBERATE_<NAME>` and a CLI flag
+`--<name>`; flags override env vars, which override the defaults here.
+
+This module imports nothing of the project's, so `server/` and `coprocessor_worker/` may take
+a `Settings` without depending on each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DELIBERATE_", extra="ignore")
+
+    # --- models -----------------------------------------------------------------------------
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "deliberate",
+        description="where the bundled decoder is prepared and other caches live",
+    )
+    model: Path | None = Field(
+        None, description="Hugging Face decoder folder; default: the bundled SmolLM2-135M"
+    )
+    coprocessor: Path | None = Field(
+        None, description="coprocessor checkpoint folder; default: the bundled one"
+    )
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="compute dtype")
+
+    # --- store ------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="redis://, rediss://, redis+sentinel:// or redis+cluster:// URL; "
+        "default: the in-memory store (one process)",
+    )
+    tenant: str = Field("default", description="tenant used when a request names none")
+    payload_ttl_seconds: int = Field(7 * 24 * 3600, description="lifetime of a published payload")
+    max_queue_length: int = Field(10_000, description="jobs the queue holds before refusing")
+    visibility_timeout_seconds: float = Field(
+        120.0, description="a job idle this long in a worker's hands is reclaimed"
+    )
+    max_deliveries: int = Field(3, description="deliveries before a job is dead-lettered")
+    max_payload_bytes: int = Field(4 << 20, description="largest payload accepted")
+    lookup_timeout_seconds: float = Field(
+        0.01, description="time budget of the store lookup on the request path"
+    )

@@ -1,0 +1,4 @@
+pytest_plugins = [
+    "tests.fixtures.redis_server",
+    "tests.fixtures.models",
+]
