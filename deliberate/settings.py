@@ -47,3 +47,18 @@ class Settings(BaseSettings):
     lookup_timeout_seconds: float = Field(
         0.01, description="time budget of the store lookup on the request path"
     )
+
+    # --- decoder engine (vLLM) --------------------------------------------------------------
+    max_model_len: int = Field(4096, description="longest prompt + completion the engine takes")
+    enforce_eager: bool = Field(
+        False, description="skip torch.compile (much faster start, slower decoding)"
+    )
+    kv_cache_gib: float = Field(
+        1.0, description="KV cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.5, description="fraction of device memory vLLM may use (also gates the CPU backend)"
+    )
+    served_model_name: str | None = Field(
+        None, description="model name in the API; default: the decoder folder's name"
+    )
