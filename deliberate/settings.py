@@ -62,3 +62,30 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="model name in the API; default: the decoder folder's name"
     )
+
+    # --- server -----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address the server listens on")
+    port: int = Field(8000, description="port the server listens on")
+    api_keys: str = Field(
+        "", description="comma-separated bearer API keys; empty: no authentication"
+    )
+    min_context_tokens: int = Field(
+        32, description="contexts shorter than this are not augmented (status too-short)"
+    )
+    max_context_tokens: int = Field(3072, description="longest context accepted, in tokens")
+    max_request_bytes: int = Field(1 << 20, description="largest request body accepted")
+    max_augment_wait_seconds: float = Field(
+        30.0, description="cap on a request's bounded wait for a pending augmentation"
+    )
+    allow_unvalidated_coprocessor: bool = Field(
+        False,
+        description="apply latents even from a checkpoint whose recorded evaluation failed "
+        "the quality gate (status otherwise: skipped-unvalidated)",
+    )
+    embedded_worker: bool | None = Field(
+        None,
+        description="run the worker loop inside the server; default: only with the in-memory store",
+    )
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

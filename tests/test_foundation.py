@@ -63,7 +63,9 @@ async def _greedy(engine: object, prompt: dict, request_id: str) -> list[int]:
 
 
 @pytest.mark.slow
-async def test_vllm_prompt_embeds_match_token_ids(vllm_engine: object, bundled_decoder: Path) -> None:
+async def test_vllm_prompt_embeds_match_token_ids(
+    vllm_engine: object, bundled_decoder: Path
+) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_decoder)
