@@ -89,3 +89,20 @@ class Settings(BaseSettings):
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    # --- worker -----------------------------------------------------------------------------
+    worker_batch_max_jobs: int = Field(8, description="most jobs computed in one batch")
+    worker_batch_max_tokens: int = Field(
+        8192, description="most prefix tokens (padded) computed in one batch"
+    )
+    worker_claim_block_seconds: float = Field(
+        1.0, description="how long one claim waits for new jobs"
+    )
+    worker_host: str = Field("127.0.0.1", description="address of the worker's health port")
+    worker_metrics_port: int = Field(
+        9100, description="worker's /health, /ready and /metrics port; 0: none"
+    )
+    worker_consumer: str | None = Field(
+        None, description="consumer name in the group; default: host name and pid"
+    )
+    torch_threads: int | None = Field(None, description="torch CPU threads; default: all cores")

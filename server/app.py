@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from cache_store.keys import validate_key
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,6 +23,7 @@ from vllm import SamplingParams
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
+from cache_store.keys import validate_key
 from server.augmentation import Augmenter, Plan
 from server.metrics import ServerMetrics
 from server.prompts import PromptParts, Tokenizer, split_chat, split_completion

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from cache_store.checkpoint import CheckpointInfo
 from cache_store.errors import StoreError
 from cache_store.payload import PayloadExpectation
 from cache_store.store import AugmentationStore
 from cache_store.types import EnqueueOutcome, Job, KeyState, KeyStatus
-
-from cache_store.checkpoint import CheckpointInfo
 from server.embeddings import EmbeddingTable
 from server.metrics import ServerMetrics
 

@@ -1,0 +1,86 @@
+"""Building the parts from one `Settings`: the store, the decoder and coprocessor paths, the
+worker. Shared by `deliberate serve` (which may run a worker inside) and `deliberate worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from importlib.resources import files
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from cache_store.store import AugmentationStore, open_store
+from cache_store.types import StoreConfig
+from coprocessor_worker.worker import AugmentationWorker, WorkerLimits, WorkerMetrics
+from deliberate.models import resolve_decoder
+from deliberate.settings import Settings
+
+BUNDLED_COPROCESSOR = "smollm2-135m-instruct"
+
+
+def bundled_coprocessor_dir() -> Path:
+    return Path(str(files("coprocessor_worker") / "checkpoints" / BUNDLED_COPROCESSOR))
+
+
+def decoder_dir(settings: Settings) -> Path:
+    return resolve_decoder(settings.model, settings.cache_dir)
+
+
+def coprocessor_dir(settings: Settings) -> Path:
+    return settings.coprocessor or bundled_coprocessor_dir()
+
+
+def store_config(settings: Settings) -> StoreConfig:
+    return StoreConfig(
+        payload_ttl_s=settings.payload_ttl_seconds,
+        max_queue_length=settings.max_queue_length,
+        visibility_timeout_s=settings.visibility_timeout_seconds,
+        max_deliveries=settings.max_deliveries,
+        max_payload_bytes=settings.max_payload_bytes,
+    )
+
+
+def make_store(settings: Settings, registry: CollectorRegistry) -> AugmentationStore:
+    return open_store(settings.redis_url, store_config(settings), registry=registry)
+
+
+def make_worker(
+    settings: Settings, store: AugmentationStore, registry: CollectorRegistry
+) -> AugmentationWorker:
+    """Load the decoder and coprocessor (seconds) and build a worker around them."""
+    import torch
+
+    from coprocessor_worker.coprocessor import Coprocessor
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    model_dir = decoder_dir(settings)
+    dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    model = Coprocessor.load(coprocessor_dir(settings), model_dir, dtype=dtype)
+    config = json.loads((model_dir / "config.json").read_text())
+    limits = WorkerLimits(
+        max_jobs=settings.worker_batch_max_jobs,
+        max_tokens=settings.worker_batch_max_tokens,
+        max_prefix_tokens=min(settings.max_model_len, config["max_position_embeddings"])
+        - model.n_latents,
+        vocab_size=config["vocab_size"],
+        block_s=settings.worker_claim_block_seconds,
+    )
+    consumer = settings.worker_consumer or f"{socket.gethostname()}-{os.getpid()}"
+    return AugmentationWorker(
+        store, model, consumer=consumer, limits=limits, metrics=WorkerMetrics(registry)
+    )
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, so loops can finish what they hold and exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
