@@ -279,6 +279,7 @@ def _sampling_params(
         seed=body.seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )

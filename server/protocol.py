@@ -28,6 +28,7 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = False  # vLLM's extension; benchmarks use it for fixed-length outputs
     # --- Deliberate -----------------------------------------------------------------------
     augment: bool = Field(True, description="false: never use or request latents")
     augment_wait_seconds: float = Field(
