@@ -27,8 +27,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fixtures.processes import ServiceProcess  # noqa: E402
-from tests.fixtures.redis_server import free_port  # noqa: E402
+from tests.fixtures.processes import ServiceProcess
+from tests.fixtures.redis_server import free_port
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
