@@ -14,8 +14,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from cache_store.store import AugmentationStore, open_store
-from cache_store.types import StoreConfig
+from cache_store import AugmentationStore, open_store
 from coprocessor_worker.worker import AugmentationWorker, WorkerLimits, WorkerMetrics
 from deliberate.models import resolve_decoder
 from deliberate.settings import Settings
@@ -35,18 +34,16 @@ def coprocessor_dir(settings: Settings) -> Path:
     return settings.coprocessor or bundled_coprocessor_dir()
 
 
-def store_config(settings: Settings) -> StoreConfig:
-    return StoreConfig(
+def make_store(settings: Settings, registry: CollectorRegistry) -> AugmentationStore:
+    return open_store(
+        settings.redis_url,
         payload_ttl_s=settings.payload_ttl_seconds,
         max_queue_length=settings.max_queue_length,
         visibility_timeout_s=settings.visibility_timeout_seconds,
         max_deliveries=settings.max_deliveries,
         max_payload_bytes=settings.max_payload_bytes,
+        registry=registry,
     )
-
-
-def make_store(settings: Settings, registry: CollectorRegistry) -> AugmentationStore:
-    return open_store(settings.redis_url, store_config(settings), registry=registry)
 
 
 def make_worker(
