@@ -14,6 +14,7 @@ class StoreMetrics:
     """All store metrics. One instance per registry: share it between stores of one process."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
         try:
             self._create(registry)
         except ValueError as exc:

@@ -1,4 +1,5 @@
 pytest_plugins = [
     "tests.fixtures.redis_server",
     "tests.fixtures.models",
+    "tests.fixtures.store_backends",
 ]
