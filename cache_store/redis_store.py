@@ -237,6 +237,8 @@ class RedisStore(AugmentationStore):
         self._reclaim_cursor = "0-0"
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
+        self.subscriptions = 0
+        """Times the events listener has (re)subscribed: more than 1 means it reconnected."""
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._scripts[name](keys=keys, args=args)
@@ -509,6 +511,7 @@ class RedisStore(AugmentationStore):
                 async with asyncio.timeout(self.config.op_timeout_s):
                     await pubsub.subscribe(EVENTS_CHANNEL)
                 self._listening = True
+                self.subscriptions += 1
                 backoff = 0.05
                 # Events published while we were not subscribed are lost: re-check all.
                 self._notify_all()
