@@ -513,6 +513,11 @@ class RedisStore(AugmentationStore):
                 self._listening = True
                 self.subscriptions += 1
                 backoff = 0.05
+                # redis-py reconnects and resubscribes a pub/sub connection by itself; hear
+                # about it, since events published during the gap were lost.
+                connection = getattr(pubsub, "connection", None)
+                if connection is not None:
+                    connection.register_connect_callback(self._on_events_reconnect)
                 # Events published while we were not subscribed are lost: re-check all.
                 self._notify_all()
                 while not self._closed:
@@ -530,6 +535,10 @@ class RedisStore(AugmentationStore):
                     await asyncio.wait_for(pubsub.aclose(), self.config.op_timeout_s)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    def _on_events_reconnect(self, _connection: object) -> None:
+        self.subscriptions += 1
+        self._notify_all()
 
     def _on_event(self, data: bytes | str) -> None:
         try:
