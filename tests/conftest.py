@@ -2,4 +2,5 @@ pytest_plugins = [
     "tests.fixtures.redis_server",
     "tests.fixtures.models",
     "tests.fixtures.engine",
+    "tests.fixtures.store_backends",
 ]
