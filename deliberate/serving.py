@@ -60,7 +60,7 @@ async def serve(settings: Settings) -> None:
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
     store = make_store(settings, registry)
-    dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    dtype = getattr(torch, settings.compute_dtype())
     augmenter = Augmenter(
         store=store,
         embeddings=EmbeddingTable.load(model_dir, dtype),

@@ -57,7 +57,7 @@ def make_worker(
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     model_dir = decoder_dir(settings)
-    dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    dtype = getattr(torch, settings.compute_dtype())
     model = Coprocessor.load(coprocessor_dir(settings), model_dir, dtype=dtype)
     config = json.loads((model_dir / "config.json").read_text())
     limits = WorkerLimits(

@@ -16,7 +16,7 @@ def engine_args(model_dir: Path, settings: Settings) -> AsyncEngineArgs:
         model=str(model_dir),
         tokenizer=str(model_dir),
         served_model_name=settings.served_model_name or model_dir.name,
-        dtype=settings.dtype,
+        dtype=settings.compute_dtype(),
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,
         gpu_memory_utilization=settings.gpu_memory_utilization,
