@@ -800,3 +800,40 @@ def test_setup_deploy_tools_prints_a_path_in_the_cache(tmp_path):
     )  # fmt: skip
     path = Path(out.stdout.strip())
     assert path.parent == tmp_path and path.name.startswith("tools-venv-")
+
+
+# --- the commands the deployment runs parse with the real CLI --------------------------------
+
+
+def _cli_parses(argv: list[str]) -> None:
+    from deliberate.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    if argv[0] not in subcommands:
+        pytest.skip(f"`deliberate {argv[0]}` has not landed on this branch yet")
+    try:
+        parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"`deliberate {' '.join(argv)}` does not parse")
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cuda"])
+def test_dockerfile_build_step_parses(variant):
+    steps = _instructions(DOCKER / f"Dockerfile.{variant}")
+    (run,) = [a for w, a in steps if w == "RUN" and "deliberate model prepare" in a]
+    argv = run.split("deliberate ", 1)[1].split()
+    _cli_parses(argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--host", "0.0.0.0", "--port", "8000"],  # the image's CMD, the server pods
+        ["worker"],  # the worker pods
+        ["serve", "--host", "127.0.0.1", "--port", "8000", "--redis-url", "redis://h:1/0"],
+        ["worker", "--redis-url", "redis://h:1/0"],  # deploy/local
+    ],
+)
+def test_deployed_commands_parse(argv):
+    _cli_parses(argv)
