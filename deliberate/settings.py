@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(
         False, description="skip torch.compile (much faster start, slower decoding)"
     )
-    kv_cache_gib: float = Field(
-        1.0, description="KV cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE)"
+    kv_cache_gib: int = Field(
+        1, ge=1, description="KV cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE)"
     )
     gpu_memory_utilization: float = Field(
         0.5, description="fraction of device memory vLLM may use (also gates the CPU backend)"

@@ -64,4 +64,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     log "missing ${need_apt[*]}: install them (e.g. sudo apt-get install ${need_apt[*]}); the embedded server runs without them"
   fi
 fi
+# checkov (manifest and Dockerfile scans in the tests) lives in its own venv: its pins clash
+# with vLLM's.
+scripts/setup-deploy-tools.sh >/dev/null
 echo "$VENV"

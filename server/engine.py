@@ -33,5 +33,5 @@ def start_engine(model_dir: Path, settings: Settings) -> AsyncLLM:
     """Start the engine core (a spawned process). Callers need an `if __name__ == "__main__"`
     guard in their entry script, as with any vLLM process."""
     # vLLM's CPU backend reads its KV cache budget from the environment only.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     return AsyncLLM.from_engine_args(engine_args(model_dir, settings))
