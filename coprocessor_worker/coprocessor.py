@@ -177,7 +177,9 @@ class CoprocessorModel(nn.Module):
         if getattr(self.decoder.config, "_attn_implementation", "sdpa") == "sdpa":
             return mask
         dtype = torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)
@@ -587,13 +589,19 @@ class Coprocessor:
 
     @classmethod
     def load(
-        cls, checkpoint_dir: Path, decoder_dir: Path, *, dtype: torch.dtype = torch.bfloat16
+        cls,
+        checkpoint_dir: Path,
+        decoder_dir: Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
     ) -> Coprocessor:
         from cache_store.fingerprint import checkpoint_fingerprint
 
         model, meta, tokenizer = load_model(
             Path(checkpoint_dir), Path(decoder_dir), compute_dtype=dtype
         )
+        model.to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(
             model=model,
@@ -622,6 +630,8 @@ class Coprocessor:
             ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         if self.method == "pause":
             return [self.model.base.detach().to(self.dtype).clone() for _ in prefixes]
-        kv, _ = self.model.prefix_pass(ids)
-        lat = self.model.latents_at(kv, lens[:, None])[:, 0]
-        return [row.to(self.dtype).contiguous() for row in lat]
+        device = self.model.base.device
+        kv, _ = self.model.prefix_pass(ids.to(device))
+        lat = self.model.latents_at(kv, lens[:, None].to(device))[:, 0]
+        # Callers serialize the latents (safetensors needs host memory): hand back CPU tensors.
+        return [row.to(self.dtype).cpu().contiguous() for row in lat]

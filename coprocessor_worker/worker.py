@@ -9,6 +9,7 @@ overwrites an identical payload.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -47,6 +48,8 @@ class WorkerLimits:
     """Longest prefix the decoder can take with the latents after it."""
     vocab_size: int
     block_s: float = 1.0
+    stats_interval_s: float = 10.0
+    """How often the worker refreshes the store's deliberate_queue_* gauges."""
 
 
 class WorkerMetrics:
@@ -71,9 +74,13 @@ class WorkerMetrics:
         )
         self.queue_lag = Gauge(
             "deliberate_worker_queue_lag_seconds",
-            "Time the most recently claimed job waited in the queue",
+            "How long the oldest job of the latest claim waited in the queue (0 when a claim "
+            "finds the queue empty)",
             registry=registry,
         )
+        # Every outcome from the start, so rates and alerts see zeros, not absent series.
+        for outcome in ("done", "failed", "released", "error"):
+            self.jobs.labels(outcome=outcome)
 
 
 def poison_reason(delivery: Delivery, model: LatentModel, limits: WorkerLimits) -> str | None:
@@ -127,22 +134,34 @@ class AugmentationWorker:
         self.limits = limits
         self.metrics = metrics
         self.ready = False
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        """Jobs by outcome in this process (the metric's values, readable without scraping)."""
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self.metrics.jobs.labels(outcome=outcome).inc()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set; the batch in hand is finished, the rest handed back."""
         self.ready = True
         log.info("worker %s started", self.consumer)
+        next_stats = 0.0
         try:
             while not stop.is_set():
                 try:
+                    if time.monotonic() >= next_stats:
+                        # Nothing else reads the queue's depth into Prometheus: the workers
+                        # watch the queue, so they keep its deliberate_queue_* gauges current.
+                        next_stats = time.monotonic() + self.limits.stats_interval_s
+                        await self.store.queue_stats()
                     await self.step(stop)
                 except Exception:  # store outage or a bug in one batch: keep the worker alive
                     log.exception("worker step failed; retrying")
-                    self.metrics.jobs.labels(outcome="error").inc()
+                    self._count("error")
                     await _sleep_unless(stop, 1.0)
         finally:
             self.ready = False
-            log.info("worker %s stopped", self.consumer)
+            log.info("worker %s stopped: %s", self.consumer, dict(self.outcomes))
 
     async def step(self, stop: asyncio.Event | None = None) -> int:
         """Claim one round of jobs and finish them; returns how many were handled."""
@@ -150,6 +169,7 @@ class AugmentationWorker:
             self.consumer, self.limits.max_jobs, self.limits.block_s
         )
         if not deliveries:
+            self.metrics.queue_lag.set(0.0)  # nothing waited: a stale value would hold alerts
             return 0
         now = time.time()
         self.metrics.queue_lag.set(max(now - d.job.enqueued_at for d in deliveries))
@@ -161,13 +181,15 @@ class AugmentationWorker:
             else:
                 log.warning("dead-lettering job %s: %s", delivery.job.key, reason)
                 await self.store.fail(delivery, reason)
-                self.metrics.jobs.labels(outcome="failed").inc()
+                self._count("failed")
         batches = plan_batches(runnable, self.limits)
         for index, batch in enumerate(batches):
             if stop is not None and stop.is_set():
-                for delivery in (d for rest in batches[index:] for d in rest):
+                rest = [d for later in batches[index:] for d in later]
+                for delivery in rest:
                     await self.store.release(delivery)
-                    self.metrics.jobs.labels(outcome="released").inc()
+                    self._count("released")
+                log.info("stopping: released %d claimed jobs for other workers", len(rest))
                 break
             await self._compute_and_publish(batch)
         return len(deliveries)
@@ -189,7 +211,7 @@ class AugmentationWorker:
                 prefix_len=job.prefix_len,
             )
             await self.store.publish(delivery, payload)
-            self.metrics.jobs.labels(outcome="done").inc()
+            self._count("done")
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

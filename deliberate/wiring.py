@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from deliberate.models import resolve_decoder
 from deliberate.settings import Settings
 
 BUNDLED_COPROCESSOR = "smollm2-135m-instruct"
+log = logging.getLogger(__name__)
 
 
 def bundled_coprocessor_dir() -> Path:
@@ -58,7 +60,17 @@ def make_worker(
         torch.set_num_threads(settings.torch_threads)
     model_dir = decoder_dir(settings)
     dtype = getattr(torch, settings.compute_dtype())
-    model = Coprocessor.load(coprocessor_dir(settings), model_dir, dtype=dtype)
+    # The worker is the one place the coprocessor runs for serving: use the GPU if there is one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Coprocessor.load(coprocessor_dir(settings), model_dir, dtype=dtype, device=device)
+    log.info(
+        "coprocessor %s (fingerprint %s) for decoder %s loaded on %s in %s",
+        coprocessor_dir(settings),
+        model.fingerprint,
+        model.decoder_fingerprint,
+        device,
+        settings.compute_dtype(),
+    )
     config = json.loads((model_dir / "config.json").read_text())
     limits = WorkerLimits(
         max_jobs=settings.worker_batch_max_jobs,

@@ -52,5 +52,11 @@ def run(args: argparse.Namespace) -> int:
             "deliberate worker needs --redis-url (or DELIBERATE_REDIS_URL): the in-memory store "
             "lives inside `deliberate serve`, which runs its own worker"
         )
-    asyncio.run(run_worker_process(settings))
+    from coprocessor_worker.coprocessor import CheckpointMismatch
+
+    try:
+        asyncio.run(run_worker_process(settings))
+    except CheckpointMismatch as exc:
+        # An operator error, not a crash: one clear line naming both fingerprints, exit 1.
+        raise SystemExit(f"deliberate worker: refusing to start: {exc}") from None
     return 0
