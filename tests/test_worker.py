@@ -411,8 +411,9 @@ async def test_sigterm_mid_batch_finishes_or_releases_and_exits_zero(
         held_keys = keys_of(own_redis.url, held)
         victim.signal(signal.SIGTERM)
         signalled = time.monotonic()
-        # Promptly: at most the batch in hand (3 x 96 tokens, a few seconds) plus shutdown.
-        assert wait_exit(victim, 90) == 0, victim.log_tail()
+        # Promptly: the batch in hand (3 x 96 tokens: ~2 s idle, ~7 s on the busy test
+        # machine) plus about a second of shutdown; well inside a 30 s grace period.
+        assert wait_exit(victim, 30) == 0, victim.log_tail()
         print(f"victim exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         log = victim.log_path.read_text()
         summary = re.search(r"stopped: (\{.*\})", log)
