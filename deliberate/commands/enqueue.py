@@ -4,7 +4,8 @@ user's history each night).
 FILE is JSON Lines, one object per line: {"context": "...", "tenant": "..."} ("tenant" is
 optional). Contexts go to a running server's POST /v1/augmentations in batches, so keys are
 derived exactly as the server derives them. Prints how many were new, already ready, pending,
-refused (queue full) or failed.
+refused (queue full), failed (recently dead-lettered) or rejected (the server refused that
+context, e.g. too long; the others still go through).
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when the command runs: `deliberate --help` stays fast
+    import httpx
 
 HELP = "queue augmentations for a JSONL file of contexts"
 
@@ -45,15 +51,64 @@ def read_contexts(path: Path) -> Iterator[dict[str, str]]:
 
 
 def summarize(results: list[dict[str, str]]) -> Counter[str]:
-    """One word per context: new, ready, pending, refused or failed."""
+    """One word per context: new, ready, pending, refused (queue full), failed (recently
+    dead-lettered) or rejected (the server refused the context itself, e.g. too long)."""
     words = {
         "enqueued": "new",
         "already_ready": "ready",
         "already_pending": "pending",
         "queue_full": "refused",
         "failed": "failed",
+        "rejected": "rejected",
     }
     return Counter(words.get(r["outcome"], r["outcome"]) for r in results)
+
+
+SUMMARY_WORDS = ("new", "ready", "pending", "refused", "failed", "rejected")
+
+
+def _post(http: httpx.Client, batch: list[dict[str, str]]) -> httpx.Response:
+    return http.post("/v1/augmentations", json={"contexts": batch})
+
+
+def submit(
+    http: httpx.Client, items: list[dict[str, str]], batch_size: int, progress: Any
+) -> list[dict[str, str]]:
+    """Send contexts in batches; returns one result per context, in order.
+
+    A batch the server refuses as a whole (4xx: one context too long, say) is retried one
+    context at a time, so one bad line costs only itself in a nightly run of thousands."""
+    results: list[dict[str, str]] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        response = _post(http, batch)
+        if response.status_code == 200:
+            results.extend(response.json()["data"])
+        elif 400 <= response.status_code < 500 and response.status_code not in (401, 403):
+            for offset, item in enumerate(batch):
+                single = _post(http, [item]) if len(batch) > 1 else response
+                if single.status_code == 200:
+                    results.extend(single.json()["data"])
+                    continue
+                if not 400 <= single.status_code < 500:
+                    _refused(start + offset, start + offset, single)
+                print(
+                    f"context {start + offset + 1} rejected: HTTP {single.status_code}: "
+                    f"{single.text[:300]}",
+                    file=sys.stderr,
+                )
+                results.append({"outcome": "rejected"})
+        else:
+            _refused(start, start + len(batch) - 1, response)
+        progress.update(len(batch))
+    return results
+
+
+def _refused(first: int, last: int, response: httpx.Response) -> None:
+    raise SystemExit(
+        f"server refused contexts {first + 1}-{last + 1}: "
+        f"HTTP {response.status_code}: {response.text[:500]}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,21 +117,11 @@ def run(args: argparse.Namespace) -> int:
 
     items = list(read_contexts(args.file))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    results: list[dict[str, str]] = []
     with (
         httpx.Client(base_url=args.url, headers=headers, timeout=60) as http,
         tqdm(total=len(items), desc="enqueue", unit="ctx") as progress,
     ):
-        for start in range(0, len(items), args.batch_size):
-            batch = items[start : start + args.batch_size]
-            response = http.post("/v1/augmentations", json={"contexts": batch})
-            if response.status_code != 200:
-                raise SystemExit(
-                    f"server refused contexts {start + 1}-{start + len(batch)}: "
-                    f"HTTP {response.status_code}: {response.text}"
-                )
-            results.extend(response.json()["data"])
-            progress.update(len(batch))
+        results = submit(http, items, args.batch_size, progress)
     counts = summarize(results)
-    print(", ".join(f"{counts[w]} {w}" for w in ("new", "ready", "pending", "refused", "failed")))
-    return 0 if counts["failed"] == 0 else 1
+    print(", ".join(f"{counts[w]} {w}" for w in SUMMARY_WORDS))
+    return 0 if counts["failed"] == 0 and counts["rejected"] == 0 else 1
