@@ -260,3 +260,30 @@ def test_store_outage_degrades_to_plain_and_recovers(
     assert status is not None and status["status"] == "miss-enqueued", status
     _wait_ready_key(server, status["key"])
     assert _completion(server, body).json()["augmentation"]["status"] == "hit"
+
+
+def test_embedded_default_serves_and_augments(logs: Path) -> None:
+    """`deliberate serve` with no store URL: in-memory store and a worker in the process."""
+    process, base = start_server(logs, "--allow-unvalidated-coprocessor")
+    try:
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        body = {
+            "model": model,
+            "context": DOCUMENT,
+            "prompt": "Summary:",
+            "max_tokens": 4,
+            "temperature": 0,
+            "augment_wait_seconds": 120,
+        }
+        # The bounded wait lets the in-process worker finish: the first answer is already a hit.
+        first = httpx.post(f"{base}/v1/completions", json=body, timeout=180)
+        assert first.status_code == 200, first.text
+        assert first.json()["augmentation"]["status"] == "hit"
+        key = first.json()["augmentation"]["key"]
+        state = httpx.get(f"{base}/v1/augmentations/{key}").json()
+        assert state["state"] == "ready"
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'deliberate_worker_jobs_total{outcome="done"} 1.0' in metrics
+        assert 'deliberate_requests_total{endpoint="completions",status="hit"} 1.0' in metrics
+    finally:
+        assert process.stop() == 0
