@@ -218,6 +218,7 @@ class AugmentationStore(ABC):
             async with asyncio.timeout(
                 self.config.op_timeout_s if timeout_s is None else timeout_s
             ):
+                await self._prepare()
                 yield
         except TimeoutError as exc:
             self.metrics.errors.labels(op).inc()
@@ -292,6 +293,9 @@ class AugmentationStore(ABC):
 
     @abstractmethod
     async def _close(self) -> None: ...
+
+    async def _prepare(self) -> None:  # noqa: B027 - optional hook, no-op default
+        """Connect or initialise before the first operation, if the backend needs it."""
 
     async def _start_notifications(self) -> None:  # noqa: B027 - optional hook, no-op default
         """Start push notifications of state changes if the backend needs a listener."""

@@ -71,6 +71,8 @@ async def test_fifty_concurrent_enqueues_of_one_key_make_one_job(harness: StoreH
     store = harness.open()
     # Several handles, as several server processes would have, all racing on one key.
     handles = [store, *(harness.peer(store) for _ in range(4))]
+    # Connect first: the race under test is the enqueue, not five cold client start-ups.
+    await asyncio.gather(*(handle.ping() for handle in handles))
     job = make_job(3)
     outcomes = await asyncio.gather(*(handles[i % 5].enqueue(job) for i in range(50)))
     assert outcomes.count(EnqueueOutcome.ENQUEUED) == 1
