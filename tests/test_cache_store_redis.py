@@ -35,6 +35,7 @@ from cache_store.keys import claim_key
 from cache_store.redis_store import RedisStore
 from cache_store.store import AugmentationStore
 from tests.fixtures.redis_server import RedisServer
+from tests.fixtures.redis_topologies import LocalSentinel
 from tests.fixtures.store_backends import FAST, expectation, make_job, make_payload, sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,4 +303,21 @@ async def test_unavailable_error_message_says_what_to_do(
         await store.status(make_job(1).key)
     assert excinfo.value.op == "status"
     assert "Check that Redis is running" in str(excinfo.value)
+    await store.close()
+
+
+async def test_store_works_through_sentinel(redis_sentinel: LocalSentinel) -> None:
+    store = open_store(
+        redis_sentinel.url, registry=CollectorRegistry(), **(FAST | {"poll_interval_s": 30.0})
+    )
+    worker = open_store(redis_sentinel.url, registry=CollectorRegistry(), **FAST)
+    job = make_job(20)
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+    waiter = asyncio.create_task(store.wait_ready(job.key, timeout_s=10.0))
+    [delivery] = await worker.claim_jobs("worker-1", block_s=1.0)
+    await worker.publish(delivery, make_payload(job))
+    # Woken through pub/sub on the master Sentinel named, not by the 30 s poll.
+    assert (await asyncio.wait_for(waiter, 5.0)).state is KeyState.READY
+    assert await store.get_payload(job.key, expectation(job)) is not None
+    await worker.close()
     await store.close()
