@@ -329,3 +329,4 @@ class MemoryStore(AugmentationStore):
 
     async def _close(self) -> None:
         self._notify_all()
+        self._jobs_available.set()  # blocked claim_jobs calls return at once

@@ -91,8 +91,9 @@ class AugmentationStore(ABC):
 
     async def enqueue(self, job: Job) -> EnqueueOutcome:
         """Add a job unless its key is ready, failed or already pending (atomic dedup), or
-        the queue is full (backpressure: counted, the caller answers plainly)."""
-        validate_key(job.key)
+        the queue is full (backpressure: counted, the caller answers plainly). Raises
+        MalformedJob if the job's key does not match its fields (use Job.create)."""
+        job.verify()
         async with self._op("enqueue"):
             outcome = await self._enqueue(job)
         self.metrics.enqueues.labels(outcome.value).inc()

@@ -13,7 +13,9 @@ import torch
 
 from cache_store import (
     EnqueueOutcome,
+    Job,
     KeyState,
+    MalformedJob,
     PayloadRejected,
     PayloadTooLarge,
 )
@@ -373,3 +375,12 @@ async def test_claim_waits_for_new_jobs_up_to_block_s(harness: StoreHarness) -> 
     [delivery] = await asyncio.wait_for(claim, 5.0)
     assert delivery.job.key == job.key
     assert time.monotonic() - started < 1.0
+
+
+async def test_enqueue_refuses_a_job_whose_key_does_not_match(harness: StoreHarness) -> None:
+    store = harness.open()
+    good = make_job(70)
+    forged = Job(good.key, good.tenant, good.decoder_fp, good.coprocessor_fp, [1, 2, 3])
+    with pytest.raises(MalformedJob):
+        await store.enqueue(forged)
+    assert (await store.queue_stats()).length == 0
