@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from cache_store.factory import _parse_multi_host, redis_client
 from cache_store.keys import claim_key
 from cache_store.redis_store import RedisStore
 from cache_store.store import AugmentationStore
-from tests.fixtures.redis_server import RedisServer
+from tests.fixtures.redis_server import RedisServer, free_port
 from tests.fixtures.redis_topologies import LocalSentinel
 from tests.fixtures.store_backends import FAST, expectation, make_job, make_payload, sample
 
@@ -321,3 +323,48 @@ async def test_store_works_through_sentinel(redis_sentinel: LocalSentinel) -> No
     assert await store.get_payload(job.key, expectation(job)) is not None
     await worker.close()
     await store.close()
+
+
+def _make_tls_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not on PATH: apt-get install openssl")
+
+    def run(command: str) -> None:
+        subprocess.run(
+            [openssl, *shlex.split(command)], cwd=directory, check=True, capture_output=True
+        )
+
+    run("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca")
+    run("req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1")
+    (directory / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
+        "-days 1 -extfile ext.cnf"
+    )
+    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
+async def test_store_works_over_tls(redis_server_factory: ServerFactory, tmp_path: Path) -> None:
+    ca, cert, key = _make_tls_certificates(tmp_path)
+    tls_port = free_port()
+    redis_server_factory(
+        extra_args=(
+            "--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no",
+        )
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca}"
+    store = open_store(url, registry=CollectorRegistry(), **FAST)
+    job = make_job(21)
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.publish(delivery, make_payload(job))
+    assert await store.get_payload(job.key, expectation(job)) is not None
+    await store.close()
+    # Without the CA the server's certificate is not trusted: a typed error, fast.
+    untrusting = open_store(f"rediss://127.0.0.1:{tls_port}/0", registry=CollectorRegistry())
+    await _fails_fast(untrusting.ping(), 1.5)
+    await untrusting.close()
