@@ -266,7 +266,8 @@ async def test_wait_ready_is_woken_by_publish_not_by_polling(harness: StoreHarne
     await worker.publish(delivery, make_payload(job))
     status = await asyncio.wait_for(waiter, 5.0)
     assert status.state is KeyState.READY
-    assert time.monotonic() - published_at < 1.0
+    # Far below the 30 s poll interval; slack for a loaded 2-core machine.
+    assert time.monotonic() - published_at < 3.0
 
 
 async def test_wait_ready_returns_pending_at_its_deadline(harness: StoreHarness) -> None:
@@ -277,7 +278,7 @@ async def test_wait_ready_returns_pending_at_its_deadline(harness: StoreHarness)
     status = await store.wait_ready(job.key, timeout_s=0.3)
     elapsed = time.monotonic() - start
     assert status.state is KeyState.PENDING
-    assert 0.25 <= elapsed < 1.5
+    assert 0.25 <= elapsed < 3.0
 
 
 async def test_release_hands_the_job_back_at_once(harness: StoreHarness) -> None:
@@ -365,7 +366,7 @@ async def test_claim_waits_for_new_jobs_up_to_block_s(harness: StoreHarness) -> 
     producer = harness.peer(store)
     start = time.monotonic()
     assert await store.claim_jobs("worker-1", block_s=0.3) == []
-    assert 0.25 <= time.monotonic() - start < 1.5
+    assert 0.25 <= time.monotonic() - start < 3.0
 
     job = make_job(60)
     claim = asyncio.create_task(store.claim_jobs("worker-1", block_s=5.0))
@@ -374,7 +375,7 @@ async def test_claim_waits_for_new_jobs_up_to_block_s(harness: StoreHarness) -> 
     await producer.enqueue(job)
     [delivery] = await asyncio.wait_for(claim, 5.0)
     assert delivery.job.key == job.key
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0
 
 
 async def test_enqueue_refuses_a_job_whose_key_does_not_match(harness: StoreHarness) -> None:
