@@ -119,6 +119,8 @@ class AugmentationStore(ABC):
                     async with asyncio.timeout(remaining):
                         await event.wait()
                 event.clear()
+                if self._closed:
+                    return status  # shutting down: give waiters the last answer, not an error
 
     # ---------------------------------------------------------------- worker side
 

@@ -385,3 +385,14 @@ async def test_enqueue_refuses_a_job_whose_key_does_not_match(harness: StoreHarn
     with pytest.raises(MalformedJob):
         await store.enqueue(forged)
     assert (await store.queue_stats()).length == 0
+
+
+async def test_close_ends_waiters_with_the_last_status(harness: StoreHarness) -> None:
+    store = harness.open(poll_interval_s=30.0)
+    job = make_job(71)
+    await store.enqueue(job)
+    waiter = asyncio.create_task(store.wait_ready(job.key, timeout_s=30.0))
+    await asyncio.sleep(0.2)
+    await store.close()
+    status = await asyncio.wait_for(waiter, 3.0)
+    assert status.state is KeyState.PENDING
