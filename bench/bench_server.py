@@ -132,7 +132,6 @@ async def main() -> None:
         str(vllm_port),
         "--served-model-name",
         "m",
-        "--disable-log-requests",
         *common,
         *eager,
     ]
