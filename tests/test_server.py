@@ -262,6 +262,63 @@ def test_store_outage_degrades_to_plain_and_recovers(
     assert _completion(server, body).json()["augmentation"]["status"] == "hit"
 
 
+def test_prewarm_api_and_enqueue_cli(
+    server: str, worker: ServiceProcess, model: str, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    contexts = [f"Visitor log, day {day}. " + DOCUMENT for day in range(3)]
+    lines = [json.dumps({"context": c}) for c in contexts] + [json.dumps({"context": "Hi."})]
+    jsonl = tmp_path / "contexts.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deliberate",
+            "enqueue",
+            str(jsonl),
+            "--url",
+            server,
+            "--api-key",
+            API_KEY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith("3 new, 0 ready, 0 pending, 0 refused, 0 failed")
+
+    response = httpx.post(
+        f"{server}/v1/augmentations",
+        json={"contexts": [{"context": c} for c in contexts]},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert {d["outcome"] for d in data} <= {"already_pending", "already_ready"}
+    for item in data:
+        _wait_ready_key(server, item["key"])
+    # The pre-warmed key is the one a completion with that context uses: a hit at once.
+    hit = _completion(
+        server, {"model": model, "context": contexts[0], "prompt": "Summary:", "max_tokens": 2}
+    )
+    assert hit.json()["augmentation"] == {
+        "status": "hit",
+        "key": data[0]["key"],
+        "n_latents": hit.json()["augmentation"]["n_latents"],
+    }
+    assert (
+        _completion(server, {"model": model, "prompt": "x", "max_tokens": 1}).json()[
+            "augmentation"
+        ]["status"]
+        == "no-context"
+    )
+
+
 def test_embedded_default_serves_and_augments(logs: Path) -> None:
     """`deliberate serve` with no store URL: in-memory store and a worker in the process."""
     process, base = start_server(logs, "--allow-unvalidated-coprocessor")
