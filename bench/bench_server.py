@@ -118,7 +118,8 @@ async def main() -> None:
 
     model_dir = resolve_decoder(args.model, Settings().cache_dir)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    common = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.5"]
+    dtype = Settings().compute_dtype()  # both servers: float32 on CPUs without native bf16
+    common = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--dtype", dtype]
     eager = ["--enforce-eager"] if args.enforce_eager else []
     vllm_port, ours_port = free_port(), free_port()
     vllm_cmd = [
@@ -131,7 +132,6 @@ async def main() -> None:
         str(vllm_port),
         "--served-model-name",
         "m",
-        "--disable-log-requests",
         *common,
         *eager,
     ]

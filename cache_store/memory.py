@@ -123,6 +123,9 @@ class MemoryStore(AugmentationStore):
         self._claims: _ExpiringMap[str] = _ExpiringMap()
         self._records: _ExpiringMap[_Record] = _ExpiringMap()
         self._entries: dict[str, _Entry] = {}
+        # Entries in a worker's hands, oldest delivery first: reclaim scans only these, so a
+        # long queue does not make every claim_jobs call walk all of it.
+        self._in_hand: dict[str, _Entry] = {}
         self._undelivered: deque[str] = deque()
         self._dead: deque[DeadLetter] = deque(maxlen=config.max_dead_letters)
         self._last_id = (0, 0)
@@ -206,11 +209,10 @@ class MemoryStore(AugmentationStore):
         """Reclaimed entries first (oldest first), then new ones; dead-letter the worn out."""
         now = time.monotonic()
         taken: list[_Entry] = []
-        for entry in self._entries.values():
+        for entry in self._in_hand.values():
             if len(taken) >= max_jobs:
                 break
-            idle = now - entry.delivered_at
-            if entry.consumer is not None and idle >= self.config.visibility_timeout_s:
+            if now - entry.delivered_at >= self.config.visibility_timeout_s:
                 taken.append(entry)
                 if not entry.released:
                     self.metrics.reclaimed.inc()
@@ -225,6 +227,8 @@ class MemoryStore(AugmentationStore):
             entry.consumer, entry.delivered_at = consumer, now
             entry.deliveries += 1
             entry.released = False
+            self._in_hand.pop(entry.stream_id, None)
+            self._in_hand[entry.stream_id] = entry
             delivery = Delivery(entry.job, entry.stream_id, entry.deliveries, consumer)
             if entry.deliveries > self.config.max_deliveries:
                 self._dead_letter_now(
@@ -257,6 +261,7 @@ class MemoryStore(AugmentationStore):
 
     def _remove_entry(self, stream_id: str) -> None:
         self._entries.pop(stream_id, None)
+        self._in_hand.pop(stream_id, None)
         # An undelivered id left in the deque is skipped by _take once its entry is gone.
 
     async def _publish(self, delivery: Delivery, payload_bytes: bytes) -> None:
@@ -312,7 +317,7 @@ class MemoryStore(AugmentationStore):
         self._notify(delivery.job.key)
 
     async def _queue_stats(self) -> QueueStats:
-        pending = sum(1 for e in self._entries.values() if e.consumer is not None)
+        pending = len(self._in_hand)
         oldest = next(iter(self._entries.values()), None)
         return QueueStats(
             length=len(self._entries),
@@ -329,3 +334,4 @@ class MemoryStore(AugmentationStore):
 
     async def _close(self) -> None:
         self._notify_all()
+        self._jobs_available.set()  # blocked claim_jobs calls return at once

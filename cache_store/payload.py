@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -98,6 +99,22 @@ class Payload:
     format_version: int
     nbytes: int
     """Size of the encoded payload."""
+
+
+# Exponent bits of each float format: a value is NaN or Inf exactly when they are all set.
+_EXPONENT_MASKS: dict[str, tuple[np.dtype[Any], int]] = {
+    "bfloat16": (np.dtype("<u2"), 0x7F80),
+    "float16": (np.dtype("<u2"), 0x7C00),
+    "float32": (np.dtype("<u4"), 0x7F800000),
+}
+
+
+def _all_finite(raw: memoryview, dtype_name: str) -> bool:
+    # On the raw bits with numpy: faster than torch.isfinite on bf16, and this check runs
+    # on the request path.
+    unsigned, mask = _EXPONENT_MASKS[dtype_name]
+    bits = np.frombuffer(raw, dtype=unsigned)
+    return not bool(((bits & mask) == mask).any())
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -228,10 +245,11 @@ def decode_payload(data: bytes, *, expected: PayloadExpectation) -> Payload:
         raise PayloadRejected(CORRUPT, f"safetensors could not read the tensor: {exc}") from exc
     _check_tensor(meta, latents, expected)
     begin, end = header[TENSOR_NAME]["data_offsets"]
-    digest = hashlib.sha256(data[data_start + begin : data_start + end]).hexdigest()
+    raw = memoryview(data)[data_start + begin : data_start + end]
+    digest = hashlib.sha256(raw).hexdigest()
     if digest != _require(meta, "sha256"):
         raise PayloadRejected(DIGEST_MISMATCH, "tensor bytes do not match their recorded sha256")
-    if not bool(torch.isfinite(latents).all()):
+    if not _all_finite(raw, DTYPE_NAMES[latents.dtype]):
         raise PayloadRejected(NON_FINITE, "latents contain NaN or Inf")
     try:
         created_at = float(_require(meta, "created_at"))

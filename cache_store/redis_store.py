@@ -234,11 +234,25 @@ class RedisStore(AugmentationStore):
             }.items()
         }
         self._group_ready = False
+        self._initialized = not isinstance(client, aioredis.RedisCluster)
+        self._init_lock = asyncio.Lock()
         self._reclaim_cursor = "0-0"
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
         self.subscriptions = 0
         """Times the events listener has (re)subscribed: more than 1 means it reconnected."""
+
+    async def _prepare(self) -> None:
+        if self._initialized:
+            return
+        # redis-py's async cluster client can lose connections when many commands race
+        # its lazy initialisation (AttributeError on a closed writer, seen with 50
+        # concurrent enqueues on a fresh client); initialise once, before any command.
+        async with self._init_lock:
+            if not self._initialized:
+                assert isinstance(self._client, aioredis.RedisCluster)
+                await self._client.initialize()
+                self._initialized = True
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._scripts[name](keys=keys, args=args)

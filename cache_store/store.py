@@ -91,8 +91,9 @@ class AugmentationStore(ABC):
 
     async def enqueue(self, job: Job) -> EnqueueOutcome:
         """Add a job unless its key is ready, failed or already pending (atomic dedup), or
-        the queue is full (backpressure: counted, the caller answers plainly)."""
-        validate_key(job.key)
+        the queue is full (backpressure: counted, the caller answers plainly). Raises
+        MalformedJob if the job's key does not match its fields (use Job.create)."""
+        job.verify()
         async with self._op("enqueue"):
             outcome = await self._enqueue(job)
         self.metrics.enqueues.labels(outcome.value).inc()
@@ -118,6 +119,8 @@ class AugmentationStore(ABC):
                     async with asyncio.timeout(remaining):
                         await event.wait()
                 event.clear()
+                if self._closed:
+                    return status  # shutting down: give waiters the last answer, not an error
 
     # ---------------------------------------------------------------- worker side
 
@@ -218,6 +221,7 @@ class AugmentationStore(ABC):
             async with asyncio.timeout(
                 self.config.op_timeout_s if timeout_s is None else timeout_s
             ):
+                await self._prepare()
                 yield
         except TimeoutError as exc:
             self.metrics.errors.labels(op).inc()
@@ -292,6 +296,9 @@ class AugmentationStore(ABC):
 
     @abstractmethod
     async def _close(self) -> None: ...
+
+    async def _prepare(self) -> None:  # noqa: B027 - optional hook, no-op default
+        """Connect or initialise before the first operation, if the backend needs it."""
 
     async def _start_notifications(self) -> None:  # noqa: B027 - optional hook, no-op default
         """Start push notifications of state changes if the backend needs a listener."""

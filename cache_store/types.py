@@ -106,17 +106,28 @@ class Job:
                 token_ids=token_ids,
                 enqueued_at=float(data["enqueued_at"]),
             )
-            expected = prefix_key(
-                decoder_fp=job.decoder_fp,
-                coprocessor_fp=job.coprocessor_fp,
-                tenant=job.tenant,
-                token_ids=job.token_ids,
-            )
         except (ValueError, KeyError, TypeError) as exc:
             raise MalformedJob(f"job entry is not a valid Deliberate job: {exc}") from exc
-        if expected != job.key:
-            raise MalformedJob(f"job key {job.key} is not the hash of its own fields ({expected})")
+        job.verify()
         return job
+
+    def verify(self) -> None:
+        """Raise MalformedJob unless `key` is the prefix key of this job's own fields."""
+        try:
+            validate_key(self.key)
+            expected = prefix_key(
+                decoder_fp=self.decoder_fp,
+                coprocessor_fp=self.coprocessor_fp,
+                tenant=self.tenant,
+                token_ids=self.token_ids,
+            )
+        except (ValueError, TypeError) as exc:
+            raise MalformedJob(f"job entry is not a valid Deliberate job: {exc}") from exc
+        if expected != self.key:
+            raise MalformedJob(
+                f"job key {self.key} is not the hash of its own fields ({expected}); "
+                "build jobs with Job.create()"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import time
 
 import uvicorn
@@ -95,6 +97,11 @@ async def serve(settings: Settings) -> None:
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
     )
+    # uvicorn stops on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
+    # before; a no-op one lets the cleanup below (worker batch, engine, store) run, and the
+    # process exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         await server.serve()
     finally:
@@ -124,13 +131,14 @@ async def run_worker_process(settings: Settings) -> None:
                 log_level="warning",
             )
         )
-        # uvicorn would take SIGTERM for itself; the worker decides when the process ends.
-        health.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        health_task = asyncio.create_task(health.serve())
+        # In its own thread uvicorn leaves signals alone (it takes them only in the main
+        # thread): SIGTERM belongs to the worker loop, which decides when the process ends.
+        health_thread = threading.Thread(target=health.run, name="health", daemon=True)
+        health_thread.start()
     try:
         await worker.run(stop)
     finally:
         if health is not None:
             health.should_exit = True
-            await health_task
+            health_thread.join(timeout=5)
         await store.close()

@@ -28,9 +28,14 @@ VENV="$CACHE/venv-$EXTRA-$spec_hash"
 mkdir -p "$CACHE"
 
 log() { echo "[setup] $*" >&2; }
-# This machine's pip configuration names optional local indexes that may not exist; drop
-# the resulting noise, keep real warnings and errors.
-pip_quiet() { "$VENV/bin/pip" --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# pip's output (and its build backends' deprecation notices) only when it fails.
+pip_quiet() {
+  local out
+  if ! out=$("$VENV/bin/pip" --quiet "$@" 2>&1); then
+    echo "$out" >&2
+    return 1
+  fi
+}
 
 if [ ! -f "$VENV/.complete" ]; then
   log "building $VENV (first time for this dependency spec: a few minutes)"

@@ -23,6 +23,7 @@ from vllm import SamplingParams
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
+from cache_store.errors import StoreError
 from cache_store.keys import validate_key
 from server.augmentation import Augmenter, Plan
 from server.metrics import ServerMetrics
@@ -153,6 +154,13 @@ def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
         message = f"{where}: {first['msg']}" if where else first["msg"]
         return await _api_error(request, ApiError(400, message, param=where or None))
 
+    @app.exception_handler(StoreError)
+    async def _store_down(request: Request, exc: StoreError) -> JSONResponse:
+        # Generation never gets here (it degrades to plain); only the augmentation endpoints,
+        # whose whole answer is the store's.
+        body = ApiError(503, f"augmentation store unavailable: {exc}", type="server_error").body
+        return JSONResponse(body, status_code=503)
+
     auth = [Depends(_authorized)]
 
     @app.get("/health")
@@ -211,6 +219,7 @@ def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
     async def prewarm(body: AugmentationRequest) -> dict[str, Any]:
         results = []
         for item in body.items():
+            # The same tokens as a completion's `context`, so the keys match later requests.
             context_ids = state.tokenizer.encode(item.context)
             _check_context_length(state, context_ids)
             job, outcome = await state.augmenter.prewarm(context_ids, item.tenant or body.tenant)

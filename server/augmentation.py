@@ -187,8 +187,11 @@ class Augmenter:
         )
 
     async def prewarm(self, context_ids: list[int], tenant: str | None) -> tuple[Job, str]:
-        """Queue a context's augmentation ahead of traffic; returns the job and its outcome."""
+        """Queue a context's augmentation ahead of traffic; returns the job and its outcome
+        (an EnqueueOutcome value, or "too-short" for a context requests would not augment)."""
         job = self.job_for(context_ids, tenant)
+        if len(context_ids) < self.min_context_tokens:
+            return job, AugmentationStatus.TOO_SHORT.value
         outcome = await self.store.enqueue(job)
         return job, outcome.value
 

@@ -1,5 +1,6 @@
 pytest_plugins = [
     "tests.fixtures.redis_server",
+    "tests.fixtures.redis_topologies",
     "tests.fixtures.models",
     "tests.fixtures.engine",
     "tests.fixtures.store_backends",

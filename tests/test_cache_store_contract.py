@@ -13,7 +13,9 @@ import torch
 
 from cache_store import (
     EnqueueOutcome,
+    Job,
     KeyState,
+    MalformedJob,
     PayloadRejected,
     PayloadTooLarge,
 )
@@ -71,6 +73,8 @@ async def test_fifty_concurrent_enqueues_of_one_key_make_one_job(harness: StoreH
     store = harness.open()
     # Several handles, as several server processes would have, all racing on one key.
     handles = [store, *(harness.peer(store) for _ in range(4))]
+    # Connect first: the race under test is the enqueue, not five cold client start-ups.
+    await asyncio.gather(*(handle.ping() for handle in handles))
     job = make_job(3)
     outcomes = await asyncio.gather(*(handles[i % 5].enqueue(job) for i in range(50)))
     assert outcomes.count(EnqueueOutcome.ENQUEUED) == 1
@@ -262,7 +266,8 @@ async def test_wait_ready_is_woken_by_publish_not_by_polling(harness: StoreHarne
     await worker.publish(delivery, make_payload(job))
     status = await asyncio.wait_for(waiter, 5.0)
     assert status.state is KeyState.READY
-    assert time.monotonic() - published_at < 1.0
+    # Far below the 30 s poll interval; slack for a loaded 2-core machine.
+    assert time.monotonic() - published_at < 3.0
 
 
 async def test_wait_ready_returns_pending_at_its_deadline(harness: StoreHarness) -> None:
@@ -273,7 +278,7 @@ async def test_wait_ready_returns_pending_at_its_deadline(harness: StoreHarness)
     status = await store.wait_ready(job.key, timeout_s=0.3)
     elapsed = time.monotonic() - start
     assert status.state is KeyState.PENDING
-    assert 0.25 <= elapsed < 1.5
+    assert 0.25 <= elapsed < 3.0
 
 
 async def test_release_hands_the_job_back_at_once(harness: StoreHarness) -> None:
@@ -361,7 +366,7 @@ async def test_claim_waits_for_new_jobs_up_to_block_s(harness: StoreHarness) -> 
     producer = harness.peer(store)
     start = time.monotonic()
     assert await store.claim_jobs("worker-1", block_s=0.3) == []
-    assert 0.25 <= time.monotonic() - start < 1.5
+    assert 0.25 <= time.monotonic() - start < 3.0
 
     job = make_job(60)
     claim = asyncio.create_task(store.claim_jobs("worker-1", block_s=5.0))
@@ -370,4 +375,24 @@ async def test_claim_waits_for_new_jobs_up_to_block_s(harness: StoreHarness) -> 
     await producer.enqueue(job)
     [delivery] = await asyncio.wait_for(claim, 5.0)
     assert delivery.job.key == job.key
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0
+
+
+async def test_enqueue_refuses_a_job_whose_key_does_not_match(harness: StoreHarness) -> None:
+    store = harness.open()
+    good = make_job(70)
+    forged = Job(good.key, good.tenant, good.decoder_fp, good.coprocessor_fp, [1, 2, 3])
+    with pytest.raises(MalformedJob):
+        await store.enqueue(forged)
+    assert (await store.queue_stats()).length == 0
+
+
+async def test_close_ends_waiters_with_the_last_status(harness: StoreHarness) -> None:
+    store = harness.open(poll_interval_s=30.0)
+    job = make_job(71)
+    await store.enqueue(job)
+    waiter = asyncio.create_task(store.wait_ready(job.key, timeout_s=30.0))
+    await asyncio.sleep(0.2)
+    await store.close()
+    status = await asyncio.wait_for(waiter, 3.0)
+    assert status.state is KeyState.PENDING

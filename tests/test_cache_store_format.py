@@ -94,6 +94,9 @@ def test_job_json_round_trip_and_checks() -> None:
             Job.from_json(bad)
     with pytest.raises(MalformedJob):
         Job.from_json(json.dumps(json.loads(job.to_json()) | {"token_ids": [True, 6, 7]}))
+    hand_made = Job(job.key, "other-tenant", "dec", "cop", [5, 6, 7])
+    with pytest.raises(MalformedJob, match=r"Job\.create"):
+        hand_made.verify()
 
 
 def _expect(key: str, **overrides: object) -> PayloadExpectation:

@@ -260,3 +260,87 @@ def test_store_outage_degrades_to_plain_and_recovers(
     assert status is not None and status["status"] == "miss-enqueued", status
     _wait_ready_key(server, status["key"])
     assert _completion(server, body).json()["augmentation"]["status"] == "hit"
+
+
+def test_prewarm_api_and_enqueue_cli(
+    server: str, worker: ServiceProcess, model: str, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    contexts = [f"Visitor log, day {day}. " + DOCUMENT for day in range(3)]
+    lines = [json.dumps({"context": c}) for c in contexts] + [json.dumps({"context": "Hi."})]
+    jsonl = tmp_path / "contexts.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deliberate",
+            "enqueue",
+            str(jsonl),
+            "--url",
+            server,
+            "--api-key",
+            API_KEY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith("3 new, 0 ready, 0 pending, 0 refused, 0 failed")
+
+    response = httpx.post(
+        f"{server}/v1/augmentations",
+        json={"contexts": [{"context": c} for c in contexts]},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert {d["outcome"] for d in data} <= {"already_pending", "already_ready"}
+    for item in data:
+        _wait_ready_key(server, item["key"])
+    # The pre-warmed key is the one a completion with that context uses: a hit at once.
+    hit = _completion(
+        server, {"model": model, "context": contexts[0], "prompt": "Summary:", "max_tokens": 2}
+    )
+    assert hit.json()["augmentation"] == {
+        "status": "hit",
+        "key": data[0]["key"],
+        "n_latents": hit.json()["augmentation"]["n_latents"],
+    }
+    assert (
+        _completion(server, {"model": model, "prompt": "x", "max_tokens": 1}).json()[
+            "augmentation"
+        ]["status"]
+        == "no-context"
+    )
+
+
+def test_embedded_default_serves_and_augments(logs: Path) -> None:
+    """`deliberate serve` with no store URL: in-memory store and a worker in the process."""
+    process, base = start_server(logs, "--allow-unvalidated-coprocessor")
+    try:
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        body = {
+            "model": model,
+            "context": DOCUMENT,
+            "prompt": "Summary:",
+            "max_tokens": 4,
+            "temperature": 0,
+            "augment_wait_seconds": 120,
+        }
+        # The bounded wait lets the in-process worker finish: the first answer is already a hit.
+        first = httpx.post(f"{base}/v1/completions", json=body, timeout=180)
+        assert first.status_code == 200, first.text
+        assert first.json()["augmentation"]["status"] == "hit"
+        key = first.json()["augmentation"]["key"]
+        state = httpx.get(f"{base}/v1/augmentations/{key}").json()
+        assert state["state"] == "ready"
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'deliberate_worker_jobs_total{outcome="done"} 1.0' in metrics
+        assert 'deliberate_requests_total{endpoint="completions",status="hit"} 1.0' in metrics
+    finally:
+        assert process.stop() == 0
