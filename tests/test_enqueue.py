@@ -60,10 +60,11 @@ def test_read_contexts_names_the_bad_line(tmp_path: Path, line: str, message: st
 
 def test_summarize_words() -> None:
     outcomes = ["enqueued", "enqueued", "already_ready", "already_pending", "queue_full",
-                "failed", "rejected"]  # fmt: skip
+                "failed", "rejected", "too-short"]  # fmt: skip
     counts = enqueue.summarize([{"outcome": o} for o in outcomes])
     assert dict(counts) == {
         "new": 2, "ready": 1, "pending": 1, "refused": 1, "failed": 1, "rejected": 1,
+        "too-short": 1,
     }  # fmt: skip
 
 
@@ -123,7 +124,7 @@ def test_enqueue_batches_reports_and_isolates_a_rejected_context(
 
     out = capsys.readouterr()
     assert out.out.strip().splitlines()[-1] == (
-        "4 new, 1 ready, 1 pending, 0 refused, 0 failed, 1 rejected"
+        "4 new, 1 ready, 1 pending, 0 refused, 0 failed, 1 rejected, 0 too-short"
     )
     assert "context 4 rejected: HTTP 400" in out.err
     assert code == 1  # a rejected context is worth a non-zero exit in a nightly job

@@ -52,7 +52,8 @@ def read_contexts(path: Path) -> Iterator[dict[str, str]]:
 
 def summarize(results: list[dict[str, str]]) -> Counter[str]:
     """One word per context: new, ready, pending, refused (queue full), failed (recently
-    dead-lettered) or rejected (the server refused the context itself, e.g. too long)."""
+    dead-lettered), rejected (the server refused the context itself, e.g. too long) or
+    too-short (below the server's min_context_tokens, so never augmented)."""
     words = {
         "enqueued": "new",
         "already_ready": "ready",
@@ -60,11 +61,12 @@ def summarize(results: list[dict[str, str]]) -> Counter[str]:
         "queue_full": "refused",
         "failed": "failed",
         "rejected": "rejected",
+        "too-short": "too-short",  # below the server's min_context_tokens: never augmented
     }
     return Counter(words.get(r["outcome"], r["outcome"]) for r in results)
 
 
-SUMMARY_WORDS = ("new", "ready", "pending", "refused", "failed", "rejected")
+SUMMARY_WORDS = ("new", "ready", "pending", "refused", "failed", "rejected", "too-short")
 
 
 def _post(http: httpx.Client, batch: list[dict[str, str]]) -> httpx.Response:
