@@ -57,7 +57,9 @@ class Row:
     jobs: int
     floor_s: float
     memory_s: float
+    memory_compute_s: float
     redis_s: float | None
+    redis_compute_s: float | None
 
     def rate(self, seconds: float) -> float:
         return self.jobs / seconds
@@ -99,6 +101,7 @@ def make_worker(
     length: int,
     name: str,
     block_s: float = 0.2,
+    registry: CollectorRegistry | None = None,
 ) -> AugmentationWorker:
     limits = WorkerLimits(
         max_jobs=batch,
@@ -108,14 +111,20 @@ def make_worker(
         block_s=block_s,
     )
     return AugmentationWorker(
-        store, model, consumer=name, limits=limits, metrics=WorkerMetrics(CollectorRegistry())
+        store,
+        model,
+        consumer=name,
+        limits=limits,
+        metrics=WorkerMetrics(registry or CollectorRegistry()),
     )
 
 
 async def time_worker(
     store: AugmentationStore, model: Coprocessor, items: list[list[int]], batch: int, tag: str
-) -> float:
-    """Enqueue every prefix (untimed), then time the worker loop until all are ready."""
+) -> tuple[float, float]:
+    """Enqueue every prefix (untimed), then time the worker loop until all are ready.
+    Returns (wall time, time inside the forwards as the worker's own histogram saw it): their
+    difference is the loop's overhead, measured in the same seconds, immune to load drift."""
     jobs = [
         Job.create(
             tenant=tag,
@@ -127,7 +136,8 @@ async def time_worker(
     ]
     for job in jobs:
         await store.enqueue(job)
-    worker = make_worker(store, model, batch, len(items[0]), tag)
+    registry = CollectorRegistry()
+    worker = make_worker(store, model, batch, len(items[0]), tag, registry=registry)
     stop = asyncio.Event()
     started = time.perf_counter()
     task = asyncio.create_task(worker.run(stop))
@@ -140,7 +150,8 @@ async def time_worker(
     await task
     if worker.outcomes["done"] != len(jobs):
         raise RuntimeError(f"{tag}: worker did {dict(worker.outcomes)} for {len(jobs)} jobs")
-    return elapsed
+    compute = registry.get_sample_value("deliberate_worker_compute_seconds_sum") or 0.0
+    return elapsed, compute
 
 
 async def latency(
@@ -220,25 +231,29 @@ async def run(args: argparse.Namespace, log: Callable[[str], None]) -> None:
                 floor_a = time_floor(model, batches)
                 per_prefix.setdefault(length, floor_a / len(items))
                 memory_store = open_store(None, registry=CollectorRegistry())
-                memory_s = await time_worker(
+                memory_s, memory_compute = await time_worker(
                     memory_store, model, items, batch, f"mem-{length}-{batch}"
                 )
                 await memory_store.close()
-                redis_s = None
+                redis_s = redis_compute = None
                 if redis_url is not None:
                     redis_store = open_store(
                         redis_url, registry=CollectorRegistry(), op_timeout_s=10.0
                     )
-                    redis_s = await time_worker(
+                    redis_s, redis_compute = await time_worker(
                         redis_store, model, items, batch, f"redis-{length}-{batch}"
                     )
                     await redis_store.close()
                 floor_b = time_floor(model, batches)
-                row = Row(length, batch, len(items), (floor_a + floor_b) / 2, memory_s, redis_s)
+                row = Row(
+                    length, batch, len(items), (floor_a + floor_b) / 2,
+                    memory_s, memory_compute, redis_s, redis_compute,
+                )  # fmt: skip
                 rows.append(row)
                 log(
                     f"L={length} B={batch} jobs={len(items)} floor {floor_a:.2f}/{floor_b:.2f} s "
-                    f"memory {memory_s:.2f} s redis {redis_s} s"
+                    f"memory {memory_s:.2f} s (forwards {memory_compute:.2f}) "
+                    f"redis {redis_s} s (forwards {redis_compute})"
                 )
 
         lat: dict[str, list[float]] = {}
@@ -255,18 +270,22 @@ async def run(args: argparse.Namespace, log: Callable[[str], None]) -> None:
             redis.stop()
 
     print()
-    print("| prefix tokens | batch | jobs | floor aug/s | worker (memory) aug/s | ratio | "
-          "worker (redis) aug/s | ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| prefix tokens | batch | jobs | floor aug/s | worker (memory) aug/s | ratio | "
+        "worker (redis) aug/s | ratio | loop overhead memory / redis, ms per job |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
-        redis_cells = (
-            f"{r.rate(r.redis_s):.2f} | {r.redis_s / r.floor_s:.2f}x"
-            if r.redis_s is not None
-            else "- | -"
-        )
+        mem_overhead = 1000 * (r.memory_s - r.memory_compute_s) / r.jobs
+        if r.redis_s is not None and r.redis_compute_s is not None:
+            redis_cells = f"{r.rate(r.redis_s):.2f} | {r.redis_s / r.floor_s:.2f}x"
+            redis_overhead = f"{1000 * (r.redis_s - r.redis_compute_s) / r.jobs:.0f}"
+        else:
+            redis_cells, redis_overhead = "- | -", "-"
         print(
             f"| {r.length} | {r.batch} | {r.jobs} | {r.rate(r.floor_s):.2f} | "
-            f"{r.rate(r.memory_s):.2f} | {r.memory_s / r.floor_s:.2f}x | {redis_cells} |"
+            f"{r.rate(r.memory_s):.2f} | {r.memory_s / r.floor_s:.2f}x | {redis_cells} | "
+            f"{mem_overhead:.0f} / {redis_overhead} |"
         )
     if skipped:
         print(f"\nSkipped (over --max-combo-seconds {args.max_combo:.0f}): " + "; ".join(skipped))
