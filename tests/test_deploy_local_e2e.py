@@ -357,9 +357,8 @@ def test_down_stops_every_process_and_frees_every_port(deployment: Deployment) -
     assert deployment.down.returncode == 0, output
     assert "SIGKILL" not in output  # every process stopped on SIGTERM within the grace
     assert "stopped" in deployment.down.stdout
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _pgid_members(deployment.pgids):
-        time.sleep(0.2)
+    # Gone when `down` returns, children included (vLLM's engine core outlives the server by
+    # a few seconds on its own).
     assert _pgid_members(deployment.pgids) == [], "processes left behind"
     assert [p for p in deployment.ports if _port_open(p)] == []
     assert not (deployment.run_dir / "pids").exists()
