@@ -67,8 +67,9 @@ class CoprocessorConfig:
     direct_scale: float = 0.063
     # Final states after the decoder's final norm (HF's last hidden state) or before it.
     hidden_source: Literal["final_norm", "pre_norm"] = "final_norm"
-    # Soft tokens and base start as the embeddings of this text's tokens (cycled to N_L).
-    init_text: str = "\n\n"
+    # Soft tokens and base start as the embeddings of this text's tokens (cycled to N_L);
+    # "," harmed the frozen decoder least of 7 starts tried (docs/coprocessor.md).
+    init_text: str = ","
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoprocessorConfig:
@@ -594,12 +595,16 @@ class Coprocessor:
         decoder_dir: Path,
         *,
         dtype: torch.dtype = torch.bfloat16,
+        compute_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> Coprocessor:
+        """`dtype` is the latents' dtype (what the server inserts); `compute_dtype` what the
+        model runs in: fp32 by default, since bf16 is ~4x slower on CPUs without AVX512-BF16;
+        `device` where (latents always come back in host memory, ready to serialize)."""
         from cache_store.fingerprint import checkpoint_fingerprint
 
         model, meta, tokenizer = load_model(
-            Path(checkpoint_dir), Path(decoder_dir), compute_dtype=dtype
+            Path(checkpoint_dir), Path(decoder_dir), compute_dtype=compute_dtype
         )
         model.to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -629,7 +634,7 @@ class Coprocessor:
         for i, p in enumerate(prefixes):
             ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         if self.method == "pause":
-            return [self.model.base.detach().to(self.dtype).clone() for _ in prefixes]
+            return [self.model.base.detach().to(self.dtype).cpu().clone() for _ in prefixes]
         device = self.model.base.device
         kv, _ = self.model.prefix_pass(ids.to(device))
         lat = self.model.latents_at(kv, lens[:, None].to(device))[:, 0]

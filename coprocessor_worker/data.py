@@ -185,7 +185,10 @@ def corpus_documents(
         if name.endswith((".jsonl", ".jsonl.gz")):
             opener = gzip.open if name.endswith(".gz") else open
             with opener(f, "rt", encoding="utf-8") as handle:
-                texts = [json.loads(line)[text_field] for line in handle if line.strip()]
+                rows = [json.loads(line) for line in handle if line.strip()]
+            if any(text_field not in row for row in rows):
+                raise ValueError(f"{f}: a row has no {text_field!r} field (see --text-field)")
+            texts = [row[text_field] for row in rows]
         elif name.endswith(".txt"):
             texts = list(_txt_documents(f, min_chars))
         else:
@@ -284,11 +287,11 @@ def _hellaswag_clean(text: str) -> str:
 
 def hellaswag() -> list[MultipleChoice]:
     items = []
-    for row in _arrow_rows("hellaswag/none/validation"):
+    for i, row in enumerate(_arrow_rows("hellaswag/none/validation")):
         context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
         items.append(
             MultipleChoice(
-                id=str(row["ind"]),
+                id=f"val/{i}",  # the dataset's own `ind` repeats
                 context=_hellaswag_clean(row["activity_label"] + ": " + context),
                 choices=tuple(" " + _hellaswag_clean(e) for e in _maybe_literal(row["endings"])),
                 label=int(row["label"]),

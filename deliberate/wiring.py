@@ -62,7 +62,15 @@ def make_worker(
     dtype = getattr(torch, settings.compute_dtype())
     # The worker is the one place the coprocessor runs for serving: use the GPU if there is one.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Coprocessor.load(coprocessor_dir(settings), model_dir, dtype=dtype, device=device)
+    # Computed in the configured dtype; latents handed over in fp32 (the payload encoder
+    # casts them to its own wire dtype).
+    model = Coprocessor.load(
+        coprocessor_dir(settings),
+        model_dir,
+        dtype=torch.float32,
+        compute_dtype=dtype,
+        device=device,
+    )
     log.info(
         "coprocessor %s (fingerprint %s) for decoder %s loaded on %s in %s",
         coprocessor_dir(settings),

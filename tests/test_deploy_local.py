@@ -47,6 +47,16 @@ STUB = textwrap.dedent(
     out.write_text(json.dumps({"argv": args, "pid": os.getpid(), "port": port}))
     if os.environ.get("STUB_IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    linger = os.environ.get("STUB_CHILD_LINGER")
+    if linger and role == "serve":
+        # Like vLLM's engine core: a child in the server's process group that takes a while
+        # to exit after SIGTERM, and may outlive its parent.
+        import subprocess
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import signal, sys, time\\n"
+            f"signal.signal(signal.SIGTERM, lambda *a: (time.sleep({linger}), sys.exit(0)))\\n"
+            "while True: time.sleep(1)\\n")])
+        (Path(os.environ["STUB_DIR"]) / "child.pid").write_text(str(child.pid))
     delay = float(os.environ.get("STUB_READY_DELAY", "0"))
     started = time.monotonic()
 
@@ -176,6 +186,33 @@ def test_down_kills_what_ignores_sigterm_after_the_grace_period(tmp_path, stub):
     assert "SIGKILL" in stopped.stdout
     assert time.monotonic() - t0 < 20
     assert not any(alive(pid) for pid in pids)
+
+
+def test_down_waits_for_the_children_of_a_process(tmp_path, stub):
+    # The server exits at once on SIGTERM; its child needs 3 s. `down` reports "stopped" only
+    # once the child is gone too.
+    run_dir = tmp_path / "run"
+    env = {"STUB_DIR": str(tmp_path / "calls"), "STUB_CHILD_LINGER": "3"}
+    started = launcher(*up_args(run_dir, stub, "--workers", "1"), env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    child = int((tmp_path / "calls" / "child.pid").read_text())
+    assert alive(child)
+    stopped = launcher("down", "--run-dir", str(run_dir), "--grace", "15")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "SIGKILL" not in stopped.stdout
+    assert not alive(child)
+
+
+def test_down_kills_children_that_outlive_the_grace_period(tmp_path, stub):
+    run_dir = tmp_path / "run"
+    env = {"STUB_DIR": str(tmp_path / "calls"), "STUB_CHILD_LINGER": "60"}
+    started = launcher(*up_args(run_dir, stub, "--workers", "1"), env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    child = int((tmp_path / "calls" / "child.pid").read_text())
+    stopped = launcher("down", "--run-dir", str(run_dir), "--grace", "1")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "server: still running after 1 s, SIGKILL" in stopped.stdout
+    assert not alive(child)
 
 
 def test_up_fails_cleanly_when_a_process_dies_at_start(tmp_path, stub):

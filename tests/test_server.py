@@ -40,9 +40,11 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(redis: RedisServer, logs: Path) -> Iterator[str]:
+def server(redis: RedisServer, logs: Path, untrained_checkpoint: Path) -> Iterator[str]:
     process, base = start_server(
         logs,
+        "--coprocessor",
+        str(untrained_checkpoint),
         "--redis-url",
         redis.url,
         "--no-embedded-worker",
@@ -57,8 +59,17 @@ def server(redis: RedisServer, logs: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def worker(redis: RedisServer, logs: Path, server: str) -> Iterator[ServiceProcess]:
-    process = start_worker(logs, redis.url, "--visibility-timeout-seconds", "10")
+def worker(
+    redis: RedisServer, logs: Path, server: str, untrained_checkpoint: Path
+) -> Iterator[ServiceProcess]:
+    process = start_worker(
+        logs,
+        redis.url,
+        "--coprocessor",
+        str(untrained_checkpoint),
+        "--visibility-timeout-seconds",
+        "10",
+    )
     yield process
     process.stop()
 
@@ -320,7 +331,8 @@ def test_prewarm_api_and_enqueue_cli(
 
 
 def test_embedded_default_serves_and_augments(logs: Path) -> None:
-    """`deliberate serve` with no store URL: in-memory store and a worker in the process."""
+    """`deliberate serve` as the README runs it: bundled decoder and coprocessor, in-memory
+    store and a worker in the process."""
     process, base = start_server(logs, "--allow-unvalidated-coprocessor")
     try:
         model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]

