@@ -106,7 +106,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="HF folder; default: the bundled decoder")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=32, help="requests per round")
+    parser.add_argument(
+        "--requests", type=int, default=16, help="requests per round (at least 2x concurrency)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per server")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--enforce-eager", action="store_true", help="both servers: no compile")
@@ -177,7 +179,8 @@ async def main() -> None:
             await load(base, "m", 2, 4, plain)
         print(
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-            f"model {model_dir.name}; {args.max_tokens} new tokens; eager={args.enforce_eager}"
+            f"model {model_dir.name} ({dtype}); {args.max_tokens} new tokens; "
+            f"eager={args.enforce_eager}"
         )
         print("\n| concurrency | server | req/s | tok/s | TTFT p50 (s) | TTFT p90 (s) |")
         print("|---|---|---|---|---|---|")
@@ -185,7 +188,8 @@ async def main() -> None:
             runs: dict[str, list[dict]] = {name: [] for name in servers}
             for _ in range(args.rounds):
                 for name, base in servers.items():
-                    runs[name].append(await load(base, "m", concurrency, args.requests, plain))
+                    count = max(args.requests, 2 * concurrency)
+                    runs[name].append(await load(base, "m", concurrency, count, plain))
             med = {
                 name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 for name, rs in runs.items()
