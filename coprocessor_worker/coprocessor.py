@@ -288,11 +288,13 @@ class CoprocessorModel(nn.Module):
         n_ahead: int,
         *,
         latents: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prefix: tuple[KV, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL [B, K, n_ahead] of the n_ahead tokens after each prefix
         ids[b, :prefix_lens[b, k]], with this model's latents inserted (latents=True), and the
-        plain decoder's NLL [B, K, n_ahead] from the same prefix pass (no grad)."""
-        kv, last_hidden = self.prefix_pass(ids)
+        plain decoder's NLL [B, K, n_ahead] from the same prefix pass (no grad). `prefix` is
+        that pass if already run (it is the same for every model sharing the decoder)."""
+        kv, last_hidden = prefix if prefix is not None else self.prefix_pass(ids)
         b, k = prefix_lens.shape
         offsets = torch.arange(n_ahead)
         ahead_idx = prefix_lens[:, :, None] + offsets  # [B, K, A]
