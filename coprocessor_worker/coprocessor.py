@@ -635,3 +635,33 @@ class Coprocessor:
         kv, _ = self.model.prefix_pass(ids)
         lat = self.model.latents_at(kv, lens[:, None])[:, 0]
         return [row.to(self.dtype).contiguous() for row in lat]
+
+
+BUNDLED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+def bundled_checkpoint_dir(method: str = "lora") -> Path:
+    """The trained default for the bundled SmolLM2-135M-Instruct (committed to the repo)."""
+    return BUNDLED_CHECKPOINTS / f"smollm2-135m-{method}"
+
+
+def export_checkpoint(src: Path, dst: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a run's checkpoint without its optimizer state, tensors cast to `dtype` (bf16
+    halves the adapter's size; the model computes in fp32 after loading either way)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    read_meta(src)  # refuse anything that is not a checkpoint
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in (EXTRA_FILE, ADAPTER_FILE, FULL_FILE):
+        if (src / name).is_file():
+            tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(src / name)).items()}
+            save_file(tensors, str(dst / name))
+    for name in (META_FILE, "adapter_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    return dst
