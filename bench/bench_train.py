@@ -57,12 +57,12 @@ def main() -> None:
     def packed() -> float:
         nll, _ = model.packed_nll(ids, pos, args.n_ahead)
         nll.mean().backward()
-        return float(nll.mean())
+        return float(nll.mean().detach())
 
     def naive() -> float:
         nll = model.naive_nll(ids, pos, args.n_ahead)
         nll.mean().backward()
-        return float(nll.mean())
+        return float(nll.mean().detach())
 
     times: dict[str, list[float]] = {"packed": [], "naive": []}
     losses = {}

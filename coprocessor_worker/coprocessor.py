@@ -48,6 +48,25 @@ Method = Literal["lora", "full", "pause"]
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [B, heads, T, dim]
 
 
+def auto_compute_dtype() -> torch.dtype:
+    """bf16 where the hardware does bf16 math natively (CUDA, AVX512-BF16, AMX), else fp32:
+    on AVX2-only CPUs bf16 matmuls are emulated and 4-50x slower than fp32 (measured)."""
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("\nflags", 2)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    """ "bfloat16" | "float32" | "auto"/None (see auto_compute_dtype)."""
+    if name in (None, "auto"):
+        return auto_compute_dtype()
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
 class CheckpointMismatch(Exception):
     """The checkpoint was trained for another decoder (fingerprints differ)."""
 
@@ -595,10 +614,11 @@ class Coprocessor:
         decoder_dir: Path,
         *,
         dtype: torch.dtype = torch.bfloat16,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
     ) -> Coprocessor:
         """`dtype` is the latents' dtype (what the server inserts); `compute_dtype` what the
-        model runs in: fp32 by default, since bf16 is ~4x slower on CPUs without AVX512-BF16."""
+        model runs in, by default picked from the hardware (`auto_compute_dtype`)."""
+        compute_dtype = compute_dtype or auto_compute_dtype()
         from cache_store.fingerprint import checkpoint_fingerprint
 
         model, meta, tokenizer = load_model(

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="compute dtype (auto: bf16 only where the hardware has it)",
+    )
+    parser.add_argument(
         "--record",
         action="store_true",
         help="write evaluation + quality gate into each checkpoint's deliberate.json",
@@ -67,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from coprocessor_worker.coprocessor import load_model
+    from coprocessor_worker.coprocessor import load_model, resolve_dtype
     from coprocessor_worker.evaluate import EvalConfig, evaluate, record_in_checkpoint
     from deliberate.models import resolve_decoder
 
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     models, tokenizer = {}, None
     for name, path in named:
         # Separate decoder copies: LoRA is injected into its decoder in place.
-        model, _, tokenizer = load_model(path, decoder, compute_dtype=torch.float32)
+        model, _, tokenizer = load_model(path, decoder, compute_dtype=resolve_dtype(args.dtype))
         models[name] = model
     docs = None
     if args.corpus:

@@ -1,9 +1,9 @@
 """Prepare and inspect decoders.
 
-  deliberate model prepare            convert the bundled SmolLM2-135M-Instruct (GGUF) into a
-                                      bf16 Hugging Face folder in the cache; prints its path
-                                      and decoder fingerprint
-  deliberate model fingerprint PATH   print the decoder fingerprint of any HF model folder
+deliberate model prepare            convert the bundled SmolLM2-135M-Instruct (GGUF) into a
+                                    bf16 Hugging Face folder in the cache; prints its path
+                                    and decoder fingerprint
+deliberate model fingerprint PATH   print the decoder fingerprint of any HF model folder
 """
 
 from __future__ import annotations
