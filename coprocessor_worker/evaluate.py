@@ -355,3 +355,41 @@ def record_in_checkpoint(checkpoint_dir: Path, name: str, result: dict[str, Any]
     }
     meta["quality_gate"] = result["quality_gate"][name]
     path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_log(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(steps, evals) of a run's log.jsonl; after a resume, the last record of a step wins."""
+    steps: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        (steps if rec["event"] == "step" else evals)[rec["step"]] = rec
+    return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
+
+
+def plot_learning_curves(runs: dict[str, Path], path: Path) -> None:
+    """Held-out relative perplexity change (mean over ahead positions, and at the largest
+    logged position) against training step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, run in runs.items():
+        _, evals = read_log(run)
+        x = [e["step"] for e in evals]
+        axes[0].plot(x, [100 * e["rel_ppl_change_mean"] for e in evals], marker="o", label=name)
+        last = max(evals[0]["rel_ppl_change"], key=int)
+        axes[1].plot(
+            x, [100 * e["rel_ppl_change"][last] for e in evals], marker="o", label=f"{name} @{last}"
+        )
+    for ax, title in zip(axes, ("mean over ahead positions", "last ahead position"), strict=True):
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("held-out ppl change vs no latents (%)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

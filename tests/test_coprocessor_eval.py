@@ -122,3 +122,19 @@ def test_record_in_checkpoint(tiny_llama: Path, tmp_path: Path, name: str) -> No
     meta = read_meta(ckpt)
     assert meta["quality_gate"]["passed"] is True
     assert meta["evaluation"]["held_out_perplexity_change"]["8"]["change"] == -0.01
+
+
+def test_read_log_keeps_the_last_record_of_a_resumed_step(tmp_path: Path) -> None:
+    records = [
+        {"event": "eval", "step": 0, "rel_ppl_change_mean": 1.0, "rel_ppl_change": {"8": 0.5}},
+        {"event": "step", "step": 1, "loss": 4.0},
+        {"event": "step", "step": 2, "loss": 3.9},
+        {"event": "step", "step": 2, "loss": 3.8},  # replayed after a resume from step 1
+        {"event": "eval", "step": 2, "rel_ppl_change_mean": 0.5, "rel_ppl_change": {"8": 0.1}},
+    ]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    steps, evals = ev.read_log(tmp_path)
+    assert [s["loss"] for s in steps] == [4.0, 3.8]
+    assert [e["step"] for e in evals] == [0, 2]
+    ev.plot_learning_curves({"run": tmp_path}, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 5000
