@@ -197,7 +197,9 @@ class CoprocessorModel(nn.Module):
         if getattr(self.decoder.config, "_attn_implementation", "sdpa") == "sdpa":
             return mask
         dtype = torch.bfloat16 if self.compute_dtype == torch.bfloat16 else torch.float32
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)
@@ -615,15 +617,19 @@ class Coprocessor:
         *,
         dtype: torch.dtype = torch.bfloat16,
         compute_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
     ) -> Coprocessor:
         """`dtype` is the latents' dtype (what the server inserts); `compute_dtype` what the
-        model runs in, by default picked from the hardware (`auto_compute_dtype`)."""
+        model runs in, by default picked from the hardware (`auto_compute_dtype`: fp32 on
+        CPUs without AVX512-BF16); `device` where (latents always come back in host memory,
+        ready to serialize)."""
         compute_dtype = compute_dtype or auto_compute_dtype()
         from cache_store.fingerprint import checkpoint_fingerprint
 
         model, meta, tokenizer = load_model(
             Path(checkpoint_dir), Path(decoder_dir), compute_dtype=compute_dtype
         )
+        model.to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(
             model=model,
@@ -651,10 +657,12 @@ class Coprocessor:
         for i, p in enumerate(prefixes):
             ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         if self.method == "pause":
-            return [self.model.base.detach().to(self.dtype).clone() for _ in prefixes]
-        kv, _ = self.model.prefix_pass(ids)
-        lat = self.model.latents_at(kv, lens[:, None])[:, 0]
-        return [row.to(self.dtype).contiguous() for row in lat]
+            return [self.model.base.detach().to(self.dtype).cpu().clone() for _ in prefixes]
+        device = self.model.base.device
+        kv, _ = self.model.prefix_pass(ids.to(device))
+        lat = self.model.latents_at(kv, lens[:, None].to(device))[:, 0]
+        # Callers serialize the latents (safetensors needs host memory): hand back CPU tensors.
+        return [row.to(self.dtype).cpu().contiguous() for row in lat]
 
 
 BUNDLED_CHECKPOINTS = Path(__file__).parent / "checkpoints"

@@ -28,7 +28,11 @@ class Settings(BaseSettings):
     coprocessor: Path | None = Field(
         None, description="coprocessor checkpoint folder; default: the bundled one"
     )
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="compute dtype")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="compute dtype; auto: bfloat16 on GPUs and on CPUs with native bf16 "
+        "(AVX512_BF16 or AMX), float32 elsewhere (emulated bf16 is ~50x slower on AVX2)",
+    )
 
     # --- store ------------------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -47,3 +51,81 @@ class Settings(BaseSettings):
     lookup_timeout_seconds: float = Field(
         0.01, description="time budget of the store lookup on the request path"
     )
+
+    # --- decoder engine (vLLM) --------------------------------------------------------------
+    max_model_len: int = Field(4096, description="longest prompt + completion the engine takes")
+    enforce_eager: bool = Field(
+        False, description="skip torch.compile (much faster start, slower decoding)"
+    )
+    kv_cache_gib: int = Field(
+        1, ge=1, description="KV cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.5, description="fraction of device memory vLLM may use (also gates the CPU backend)"
+    )
+    served_model_name: str | None = Field(
+        None, description="model name in the API; default: the decoder folder's name"
+    )
+
+    # --- server -----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address the server listens on")
+    port: int = Field(8000, description="port the server listens on")
+    api_keys: str = Field(
+        "", description="comma-separated bearer API keys; empty: no authentication"
+    )
+    min_context_tokens: int = Field(
+        32, description="contexts shorter than this are not augmented (status too-short)"
+    )
+    max_context_tokens: int = Field(3072, description="longest context accepted, in tokens")
+    max_request_bytes: int = Field(1 << 20, description="largest request body accepted")
+    max_augment_wait_seconds: float = Field(
+        30.0, description="cap on a request's bounded wait for a pending augmentation"
+    )
+    allow_unvalidated_coprocessor: bool = Field(
+        False,
+        description="apply latents even from a checkpoint whose recorded evaluation failed "
+        "the quality gate (status otherwise: skipped-unvalidated)",
+    )
+    embedded_worker: bool | None = Field(
+        None,
+        description="run the worker loop inside the server; default: only with the in-memory store",
+    )
+
+    def compute_dtype(self) -> Literal["bfloat16", "float32"]:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if _has_fast_bf16() else "float32"
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    # --- worker -----------------------------------------------------------------------------
+    worker_batch_max_jobs: int = Field(8, description="most jobs computed in one batch")
+    worker_batch_max_tokens: int = Field(
+        8192, description="most prefix tokens (padded) computed in one batch"
+    )
+    worker_claim_block_seconds: float = Field(
+        1.0, description="how long one claim waits for new jobs"
+    )
+    worker_host: str = Field("127.0.0.1", description="address of the worker's health port")
+    worker_metrics_port: int = Field(
+        9100, description="worker's /health, /ready and /metrics port; 0: none"
+    )
+    worker_consumer: str | None = Field(
+        None, description="consumer name in the group; default: host name and pid"
+    )
+    torch_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
+
+
+def _has_fast_bf16() -> bool:
+    """A GPU, or a CPU with bf16 instructions; read from /proc/cpuinfo, not torch, so that
+    importing settings stays cheap."""
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -1,4 +1,7 @@
 pytest_plugins = [
     "tests.fixtures.redis_server",
+    "tests.fixtures.redis_topologies",
     "tests.fixtures.models",
+    "tests.fixtures.engine",
+    "tests.fixtures.store_backends",
 ]

@@ -16,7 +16,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         flag = "--" + name.replace("_", "-")
         default = field.default
         help_text = f"{field.description} (default: {default})"
-        if field.annotation is bool:
+        if field.annotation is bool or bool in get_args(field.annotation):
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )

@@ -1,0 +1,241 @@
+"""Deliberate's server against `vllm serve`, side by side in one run, same model, same machine.
+
+Both servers run at once on loopback; rounds alternate between them so drift in the machine's
+load hits both alike. For each concurrency level: requests/s, generated tokens/s and time to
+first token (streaming). Then the cost of an augmented hit: TTFT of the same context served
+with latents against plain.
+
+    python bench/bench_server.py --concurrency 1 8 32 --requests 64 --max-tokens 64
+
+Prints a Markdown table (paste it into docs/benchmarks.md with the command and machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.fixtures.processes import ServiceProcess
+from tests.fixtures.redis_server import free_port
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright while moving.",
+    "List five facts about the planet Jupiter.",
+    "Describe the water cycle to a ten-year-old.",
+]
+CONTEXT = (
+    "Aberkell is a small harbour town on the west coast. Its railway carried slate from the "
+    "quarries at Penrhos for forty years, and its museum keeps two wooden carriages from 1901. "
+    "Every summer the town holds a regatta, and the lifeboat station, founded in 1866, is the "
+    "oldest in the county. The old station building is now a library run by volunteers.\n"
+)
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+
+async def one_request(http: httpx.AsyncClient, model: str, body: dict) -> Sample:
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    async with http.stream(
+        "POST", "/v1/completions", json={**body, "model": model, "stream": True}
+    ) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            if first is None:
+                first = time.perf_counter()
+            tokens += 1  # one delta per generated token at temperature 0, n=1
+    end = time.perf_counter()
+    return Sample((first or end) - started, end - started, tokens)
+
+
+async def load(base: str, model: str, concurrency: int, requests: int, body: dict) -> dict:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
+        queue = list(range(requests))
+        samples: list[Sample] = []
+
+        async def client() -> None:
+            while queue:
+                i = queue.pop()
+                samples.append(
+                    await one_request(
+                        http, model, {**body, "prompt": body.get("prompt") or PROMPTS[i % 4]}
+                    )
+                )
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    ttfts = sorted(s.ttft_s for s in samples)
+    return {
+        "req_s": len(samples) / wall,
+        "tok_s": sum(s.tokens for s in samples) / wall,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))],
+    }
+
+
+def start(name: str, args: list[str], log_dir: Path, port: int) -> ServiceProcess:
+    process = ServiceProcess(name, args, log_dir, {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    process.wait_ready(f"http://127.0.0.1:{port}/health", timeout_s=600)
+    return process
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="HF folder; default: the bundled decoder")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=32, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per server")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--enforce-eager", action="store_true", help="both servers: no compile")
+    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/deliberate-bench"))
+    args = parser.parse_args()
+
+    from deliberate.models import resolve_decoder
+    from deliberate.settings import Settings
+
+    model_dir = resolve_decoder(args.model, Settings().cache_dir)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    dtype = Settings().compute_dtype()  # both servers: float32 on CPUs without native bf16
+    common = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--dtype", dtype]
+    eager = ["--enforce-eager"] if args.enforce_eager else []
+    vllm_port, ours_port = free_port(), free_port()
+    vllm_cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(vllm_port),
+        "--served-model-name",
+        "m",
+        *common,
+        *eager,
+    ]
+    vllm = subprocess.Popen(
+        vllm_cmd,
+        stdout=(args.log_dir / "vllm.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        start_new_session=True,
+    )
+    ours = start(
+        "deliberate",
+        [
+            "serve",
+            "--port",
+            str(ours_port),
+            "--served-model-name",
+            "m",
+            "--allow-unvalidated-coprocessor",
+            *common,
+            *eager,
+        ],
+        args.log_dir,
+        ours_port,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{vllm_port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or vllm.poll() is not None:
+                raise RuntimeError(f"vllm serve did not start; see {args.log_dir}/vllm.log")
+            time.sleep(1)
+        servers = {
+            "vllm serve": f"http://127.0.0.1:{vllm_port}",
+            "deliberate": f"http://127.0.0.1:{ours_port}",
+        }
+        plain = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+        for base in servers.values():  # warm-up
+            await load(base, "m", 2, 4, plain)
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"model {model_dir.name}; {args.max_tokens} new tokens; eager={args.enforce_eager}"
+        )
+        print("\n| concurrency | server | req/s | tok/s | TTFT p50 (s) | TTFT p90 (s) |")
+        print("|---|---|---|---|---|---|")
+        for concurrency in args.concurrency:
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
+            for _ in range(args.rounds):
+                for name, base in servers.items():
+                    runs[name].append(await load(base, "m", concurrency, args.requests, plain))
+            med = {
+                name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                for name, rs in runs.items()
+            }
+            for name, m in med.items():
+                print(
+                    f"| {concurrency} | {name} | {m['req_s']:.2f} | {m['tok_s']:.1f} | "
+                    f"{m['ttft_p50']:.3f} | {m['ttft_p90']:.3f} |"
+                )
+            ratio_tok = med["deliberate"]["tok_s"] / med["vllm serve"]["tok_s"]
+            ratio_ttft = med["deliberate"]["ttft_p50"] / med["vllm serve"]["ttft_p50"]
+            print(
+                f"| {concurrency} | ratio deliberate/vllm | | {ratio_tok:.3f} | "
+                f"{ratio_ttft:.3f} | |"
+            )
+        await hit_cost(servers["deliberate"], args.max_tokens)
+    finally:
+        ours.stop()
+        os.killpg(vllm.pid, 15)
+        vllm.wait(60)
+
+
+async def hit_cost(base: str, max_tokens: int, repeats: int = 9) -> None:
+    """TTFT for one context served with latents (hit) against plain (augment=false)."""
+    body = {
+        "context": CONTEXT,
+        "prompt": "Question: What is the library in?\nAnswer:",
+        "max_tokens": 1,
+        "temperature": 0,
+    }
+    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+        await http.post("/v1/completions", json={**body, "model": "m"})  # enqueue
+        for _ in range(600):
+            r = await http.post("/v1/completions", json={**body, "model": "m"})
+            if r.json()["augmentation"]["status"] == "hit":
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise RuntimeError("augmentation never became a hit")
+        times: dict[str, list[float]] = {"plain": [], "hit": []}
+        for _ in range(repeats):
+            for name, extra in (("plain", {"augment": False}), ("hit", {})):
+                sample = await one_request(http, "m", {**body, **extra})
+                times[name].append(sample.ttft_s)
+    plain, hit = statistics.median(times["plain"]), statistics.median(times["hit"])
+    print(
+        f"\nTTFT, same context ({len(CONTEXT)} chars), median of {repeats}: plain "
+        f"{plain * 1000:.1f} ms, augmented hit {hit * 1000:.1f} ms, ratio {hit / plain:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

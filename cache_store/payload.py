@@ -1,0 +1,271 @@
+"""The payload: latents of one prefix as safetensors bytes with verifiable metadata (DESIGN §3).
+
+Layout: one tensor named `latents`, shape [n_latents, hidden], bf16 by default; string
+metadata holding the format version, the key, both fingerprints, the prefix length, the
+shape, the dtype, the creation time and the SHA-256 of the tensor's raw bytes.
+
+Readers verify every field against what they expect and reject anything else with
+`PayloadRejected(reason)`. Parsing goes through safetensors only (never torch.load, never
+pickle): a payload is data from the network and must not be able to run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from cache_store.errors import PayloadRejected
+from cache_store.keys import FORMAT_VERSION, validate_key
+from cache_store.types import Job
+
+FORMAT_NAME = "deliberate-latents"
+TENSOR_NAME = "latents"
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+# A safetensors header is a few hundred bytes here; a huge declared length is corruption
+# and must not make the reader allocate it.
+_MAX_HEADER_BYTES = 64 * 1024
+
+# Rejection reasons: short, stable labels of deliberate_store_payload_rejected_total.
+CORRUPT = "corrupt"
+FORMAT = "format"
+KEY_MISMATCH = "key_mismatch"
+FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+PREFIX_LEN_MISMATCH = "prefix_len_mismatch"
+DTYPE = "dtype"
+SHAPE = "shape"
+DIGEST_MISMATCH = "digest_mismatch"
+NON_FINITE = "non_finite"
+TOO_LARGE = "too_large"
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadExpectation:
+    """What a reader knows a payload for `key` must be. None fields are not checked."""
+
+    key: str
+    decoder_fp: str
+    coprocessor_fp: str
+    prefix_len: int
+    n_latents: int | None = None
+    hidden: int | None = None
+    dtype: torch.dtype | None = torch.bfloat16
+
+    @classmethod
+    def for_job(
+        cls,
+        job: Job,
+        *,
+        n_latents: int | None = None,
+        hidden: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PayloadExpectation:
+        return cls(
+            key=job.key,
+            decoder_fp=job.decoder_fp,
+            coprocessor_fp=job.coprocessor_fp,
+            prefix_len=job.prefix_len,
+            n_latents=n_latents,
+            hidden=hidden,
+            dtype=dtype,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    latents: torch.Tensor
+    key: str
+    decoder_fp: str
+    coprocessor_fp: str
+    prefix_len: int
+    n_latents: int
+    hidden: int
+    dtype: torch.dtype
+    created_at: float
+    sha256: str
+    format_version: int
+    nbytes: int
+    """Size of the encoded payload."""
+
+
+# Exponent bits of each float format: a value is NaN or Inf exactly when they are all set.
+_EXPONENT_MASKS: dict[str, tuple[np.dtype[Any], int]] = {
+    "bfloat16": (np.dtype("<u2"), 0x7F80),
+    "float16": (np.dtype("<u2"), 0x7C00),
+    "float32": (np.dtype("<u4"), 0x7F800000),
+}
+
+
+def _all_finite(raw: memoryview, dtype_name: str) -> bool:
+    # On the raw bits with numpy: faster than torch.isfinite on bf16, and this check runs
+    # on the request path.
+    unsigned, mask = _EXPONENT_MASKS[dtype_name]
+    bits = np.frombuffer(raw, dtype=unsigned)
+    return not bool(((bits & mask) == mask).any())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    # Reinterpret as bytes so bf16 (which numpy lacks) hashes exactly as safetensors stores it.
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def encode_payload(
+    latents: torch.Tensor,
+    *,
+    key: str,
+    decoder_fp: str,
+    coprocessor_fp: str,
+    prefix_len: int,
+    dtype: torch.dtype = torch.bfloat16,
+    created_at: float | None = None,
+) -> bytes:
+    """Serialize latents [n_latents, hidden] (cast to `dtype`, bf16 by default)."""
+    validate_key(key)
+    if latents.dim() != 2 or latents.shape[0] == 0 or latents.shape[1] == 0:
+        raise ValueError(f"latents must have shape [n_latents, hidden], got {tuple(latents.shape)}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"payload dtype must be one of {list(DTYPE_NAMES.values())}, not {dtype}")
+    if prefix_len <= 0:
+        raise ValueError(f"prefix_len must be positive, got {prefix_len}")
+    tensor = latents.detach().to(device="cpu", dtype=dtype).contiguous()
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("latents contain NaN or Inf; refusing to publish them")
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "key": key,
+        "decoder_fp": decoder_fp,
+        "coprocessor_fp": coprocessor_fp,
+        "prefix_len": str(prefix_len),
+        "n_latents": str(tensor.shape[0]),
+        "hidden": str(tensor.shape[1]),
+        "dtype": DTYPE_NAMES[dtype],
+        "created_at": repr(time.time() if created_at is None else created_at),
+        "sha256": hashlib.sha256(_tensor_bytes(tensor)).hexdigest(),
+    }
+    return st_save({TENSOR_NAME: tensor}, metadata=metadata)
+
+
+def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and where the tensor bytes start."""
+    if len(data) < 8:
+        raise PayloadRejected(CORRUPT, f"{len(data)} bytes is too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise PayloadRejected(
+            CORRUPT, f"header length {header_len} does not fit in {len(data)} bytes (truncated?)"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadRejected(CORRUPT, f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise PayloadRejected(CORRUPT, "header is not a JSON object")
+    return header, 8 + header_len
+
+
+def _require(meta: dict[str, str], name: str) -> str:
+    value = meta.get(name)
+    if not isinstance(value, str):
+        raise PayloadRejected(FORMAT, f"metadata field {name!r} is missing")
+    return value
+
+
+def _require_int(meta: dict[str, str], name: str) -> int:
+    try:
+        return int(_require(meta, name))
+    except ValueError as exc:
+        raise PayloadRejected(FORMAT, f"metadata field {name!r} is not an integer") from exc
+
+
+def _check_identity(meta: dict[str, str], expected: PayloadExpectation) -> None:
+    if _require(meta, "format") != FORMAT_NAME:
+        raise PayloadRejected(FORMAT, f"format is {meta['format']!r}, not {FORMAT_NAME!r}")
+    version = _require_int(meta, "format_version")
+    if version != FORMAT_VERSION:
+        raise PayloadRejected(
+            FORMAT, f"format version {version}, this reader reads {FORMAT_VERSION}"
+        )
+    if _require(meta, "key") != expected.key:
+        raise PayloadRejected(KEY_MISMATCH, f"payload is for key {meta['key']}, not {expected.key}")
+    for name in ("decoder_fp", "coprocessor_fp"):
+        found, want = _require(meta, name), getattr(expected, name)
+        if found != want:
+            raise PayloadRejected(FINGERPRINT_MISMATCH, f"{name} is {found}, expected {want}")
+    prefix_len = _require_int(meta, "prefix_len")
+    if prefix_len != expected.prefix_len:
+        raise PayloadRejected(
+            PREFIX_LEN_MISMATCH, f"prefix length {prefix_len}, expected {expected.prefix_len}"
+        )
+
+
+def _check_tensor(
+    meta: dict[str, str], latents: torch.Tensor, expected: PayloadExpectation
+) -> None:
+    dtype_name = _require(meta, "dtype")
+    if DTYPE_NAMES.get(latents.dtype) != dtype_name:
+        raise PayloadRejected(DTYPE, f"tensor is {latents.dtype}, metadata says {dtype_name}")
+    if expected.dtype is not None and latents.dtype != expected.dtype:
+        raise PayloadRejected(DTYPE, f"tensor is {latents.dtype}, expected {expected.dtype}")
+    shape = tuple(latents.shape)
+    declared = (_require_int(meta, "n_latents"), _require_int(meta, "hidden"))
+    if len(shape) != 2 or shape != declared:
+        raise PayloadRejected(SHAPE, f"tensor shape {shape}, metadata says {declared}")
+    want = (expected.n_latents or shape[0], expected.hidden or shape[1])
+    if shape != want:
+        raise PayloadRejected(SHAPE, f"tensor shape {shape}, expected {want}")
+
+
+def decode_payload(data: bytes, *, expected: PayloadExpectation) -> Payload:
+    """Parse and verify a payload; raise PayloadRejected(reason) on any mismatch."""
+    header, data_start = _read_header(data)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict):
+        raise PayloadRejected(FORMAT, "no metadata: not a Deliberate payload")
+    tensors = [name for name in header if name != "__metadata__"]
+    if tensors != [TENSOR_NAME]:
+        raise PayloadRejected(FORMAT, f"expected one tensor {TENSOR_NAME!r}, found {tensors}")
+    _check_identity(meta, expected)
+    try:
+        latents = st_load(data)[TENSOR_NAME]
+    except (SafetensorError, ValueError, RuntimeError, KeyError) as exc:
+        raise PayloadRejected(CORRUPT, f"safetensors could not read the tensor: {exc}") from exc
+    _check_tensor(meta, latents, expected)
+    begin, end = header[TENSOR_NAME]["data_offsets"]
+    raw = memoryview(data)[data_start + begin : data_start + end]
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != _require(meta, "sha256"):
+        raise PayloadRejected(DIGEST_MISMATCH, "tensor bytes do not match their recorded sha256")
+    if not _all_finite(raw, DTYPE_NAMES[latents.dtype]):
+        raise PayloadRejected(NON_FINITE, "latents contain NaN or Inf")
+    try:
+        created_at = float(_require(meta, "created_at"))
+    except ValueError as exc:
+        raise PayloadRejected(FORMAT, "metadata field 'created_at' is not a number") from exc
+    return Payload(
+        latents=latents,
+        key=expected.key,
+        decoder_fp=expected.decoder_fp,
+        coprocessor_fp=expected.coprocessor_fp,
+        prefix_len=expected.prefix_len,
+        n_latents=latents.shape[0],
+        hidden=latents.shape[1],
+        dtype=latents.dtype,
+        created_at=created_at,
+        sha256=digest,
+        format_version=FORMAT_VERSION,
+        nbytes=len(data),
+    )

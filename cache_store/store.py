@@ -1,0 +1,313 @@
+"""The asyncio interface both backends implement, and the logic they share.
+
+Public methods here validate arguments, verify payloads, bound every call by the operation
+timeout, translate backend outages into `StoreUnavailable` and record metrics; backends only
+implement the underscored primitives. So verification and accounting cannot drift apart
+between Redis and the in-memory store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+
+from cache_store.errors import PayloadRejected, PayloadTooLarge, StoreUnavailable
+from cache_store.keys import validate_key
+from cache_store.metrics import StoreMetrics
+from cache_store.payload import TOO_LARGE, Payload, PayloadExpectation, decode_payload
+from cache_store.types import (
+    DeadLetter,
+    Delivery,
+    EnqueueOutcome,
+    Job,
+    KeyStatus,
+    QueueStats,
+    StoreConfig,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 2000
+
+
+class AugmentationStore(ABC):
+    """Payloads, key states and the job queue. Use as `async with open_store(...) as store`."""
+
+    backend: str = "abstract"
+    _transient_errors: tuple[type[BaseException], ...] = ()
+    """Backend exceptions that mean "unavailable" (become StoreUnavailable)."""
+
+    def __init__(self, config: StoreConfig, metrics: StoreMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._closed = False
+
+    # ---------------------------------------------------------------- request side
+
+    async def get_payload(
+        self, key: str, expected: PayloadExpectation, *, timeout_s: float | None = None
+    ) -> Payload | None:
+        """Verified latents of `key`, or None. A payload that fails verification is counted
+        (deliberate_store_payload_rejected_total{reason}), deleted and reported as a miss.
+        `timeout_s` overrides op_timeout_s, e.g. with the request path's lookup budget."""
+        validate_key(key)
+        if expected.key != key:
+            raise ValueError(f"expectation is for key {expected.key}, not {key}")
+        async with self._op("get", timeout_s):
+            data = await self._get_payload_bytes(key)
+        if data is None:
+            self.metrics.misses.inc()
+            return None
+        try:
+            if len(data) > self.config.max_payload_bytes:
+                raise PayloadRejected(
+                    TOO_LARGE,
+                    f"{len(data)} bytes over max_payload_bytes={self.config.max_payload_bytes}",
+                )
+            payload = decode_payload(data, expected=expected)
+        except PayloadRejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            self.metrics.misses.inc()
+            log.warning("store: payload of key %s rejected and deleted: %s", key, exc)
+            # Deleting lets the next miss enqueue a fresh job instead of reporting
+            # "already ready" until the bad payload's TTL runs out.
+            with contextlib.suppress(StoreUnavailable):
+                async with self._op("discard"):
+                    await self._discard_payload(key, data)
+            return None
+        self.metrics.hits.inc()
+        return payload
+
+    async def status(self, key: str) -> KeyStatus:
+        validate_key(key)
+        async with self._op("status"):
+            return await self._status(key)
+
+    async def enqueue(self, job: Job) -> EnqueueOutcome:
+        """Add a job unless its key is ready, failed or already pending (atomic dedup), or
+        the queue is full (backpressure: counted, the caller answers plainly). Raises
+        MalformedJob if the job's key does not match its fields (use Job.create)."""
+        job.verify()
+        async with self._op("enqueue"):
+            outcome = await self._enqueue(job)
+        self.metrics.enqueues.labels(outcome.value).inc()
+        return outcome
+
+    async def wait_ready(self, key: str, timeout_s: float) -> KeyStatus:
+        """Wait until `key` is no longer pending (ready, failed or absent) or `timeout_s`
+        passes; returns the last status seen. Woken by push notifications; re-checks every
+        poll_interval_s only while notifications are not available."""
+        validate_key(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_s)
+        with self._waiter(key) as event:
+            await self._start_notifications()
+            while True:
+                status = await self.status(key)
+                remaining = deadline - loop.time()
+                if status.terminal or remaining <= 0:
+                    return status
+                if not self._notifications_active():
+                    remaining = min(remaining, self.config.poll_interval_s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await event.wait()
+                event.clear()
+                if self._closed:
+                    return status  # shutting down: give waiters the last answer, not an error
+
+    # ---------------------------------------------------------------- worker side
+
+    async def claim_jobs(
+        self, consumer: str, max_jobs: int = 1, block_s: float = 1.0
+    ) -> list[Delivery]:
+        """Up to `max_jobs` jobs for `consumer`: first those idle past the visibility timeout
+        in any consumer's hands (reclaim), then new ones, waiting up to `block_s` for them.
+        Jobs past max_deliveries are dead-lettered here and not returned."""
+        if not consumer:
+            raise ValueError("consumer name is empty; use a stable per-process name")
+        if max_jobs < 1:
+            raise ValueError(f"max_jobs must be at least 1, got {max_jobs}")
+        async with self._op("claim", self.config.op_timeout_s + max(0.0, block_s)):
+            return await self._claim_jobs(consumer, max_jobs, max(0.0, block_s))
+
+    async def publish(self, delivery: Delivery, payload_bytes: bytes) -> None:
+        """Store the payload (with TTL), mark the key ready, wake waiters, ack the job.
+        Idempotent: publishing a redelivered job again is harmless. The payload is verified
+        against the job first, so a worker bug cannot store latents under a wrong key."""
+        size = len(payload_bytes)
+        if size > self.config.max_payload_bytes:
+            self.metrics.rejected.labels(TOO_LARGE).inc()
+            raise PayloadTooLarge(size, self.config.max_payload_bytes)
+        try:
+            decode_payload(payload_bytes, expected=PayloadExpectation.for_job(delivery.job))
+        except PayloadRejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            raise
+        async with self._op("publish"):
+            await self._publish(delivery, payload_bytes)
+        self.metrics.published.inc()
+        self.metrics.payload_bytes.observe(size)
+
+    async def fail(self, delivery: Delivery, reason: str) -> None:
+        """Give up on a job: dead-letter it and mark its key failed with `reason`."""
+        async with self._op("fail"):
+            await self._dead_letter(delivery, _clip(reason))
+
+    async def release(self, delivery: Delivery) -> None:
+        """Hand a job back unfinished (e.g. on SIGTERM); the next claim takes it at once.
+        Does not use up one of the job's deliveries."""
+        async with self._op("release"):
+            await self._release(delivery)
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Drop a job without a result (e.g. its key is already ready); the key's pending
+        claim is removed so a later miss may enqueue again."""
+        async with self._op("ack"):
+            await self._ack(delivery)
+
+    async def queue_stats(self) -> QueueStats:
+        """Queue depth; also sets the deliberate_queue_* gauges."""
+        async with self._op("queue_stats"):
+            stats = await self._queue_stats()
+        self.metrics.queue_length.set(stats.length)
+        self.metrics.queue_pending.set(stats.pending)
+        self.metrics.queue_oldest_age.set(stats.oldest_age_s or 0.0)
+        self.metrics.dead_letters.set(stats.dead_letters)
+        return stats
+
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        async with self._op("dead_letters"):
+            return await self._dead_letters(count)
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the backend answers (readiness probes)."""
+        async with self._op("ping"):
+            await self._ping()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._close()
+
+    async def __aenter__(self) -> AugmentationStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- shared machinery
+
+    @contextlib.asynccontextmanager
+    async def _op(self, op: str, timeout_s: float | None = None) -> AsyncIterator[None]:
+        """Time an operation, bound it, and turn backend outages into StoreUnavailable."""
+        if self._closed:
+            raise RuntimeError(f"store operation {op!r} after close(); open a new store")
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(
+                self.config.op_timeout_s if timeout_s is None else timeout_s
+            ):
+                await self._prepare()
+                yield
+        except TimeoutError as exc:
+            self.metrics.errors.labels(op).inc()
+            raise StoreUnavailable(op, self.backend, "timed out") from exc
+        except self._transient_errors as exc:
+            self.metrics.errors.labels(op).inc()
+            raise StoreUnavailable(op, self.backend, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.metrics.latency.labels(op, self.backend).observe(time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def _waiter(self, key: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[key]
+
+    def _notify(self, key: str) -> None:
+        for event in self._waiters.get(key, ()):
+            event.set()
+
+    def _notify_all(self) -> None:
+        """Wake every waiter to re-check, e.g. after notifications may have been missed."""
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    # ---------------------------------------------------------------- backend primitives
+
+    @abstractmethod
+    async def _get_payload_bytes(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def _discard_payload(self, key: str, data: bytes) -> None:
+        """Delete the payload of `key` if it still is `data`."""
+
+    @abstractmethod
+    async def _status(self, key: str) -> KeyStatus: ...
+
+    @abstractmethod
+    async def _enqueue(self, job: Job) -> EnqueueOutcome: ...
+
+    @abstractmethod
+    async def _claim_jobs(self, consumer: str, max_jobs: int, block_s: float) -> list[Delivery]: ...
+
+    @abstractmethod
+    async def _publish(self, delivery: Delivery, payload_bytes: bytes) -> None: ...
+
+    @abstractmethod
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None: ...
+
+    @abstractmethod
+    async def _release(self, delivery: Delivery) -> None: ...
+
+    @abstractmethod
+    async def _ack(self, delivery: Delivery) -> None: ...
+
+    @abstractmethod
+    async def _queue_stats(self) -> QueueStats: ...
+
+    @abstractmethod
+    async def _dead_letters(self, count: int) -> list[DeadLetter]: ...
+
+    @abstractmethod
+    async def _ping(self) -> None: ...
+
+    @abstractmethod
+    async def _close(self) -> None: ...
+
+    async def _prepare(self) -> None:  # noqa: B027 - optional hook, no-op default
+        """Connect or initialise before the first operation, if the backend needs it."""
+
+    async def _start_notifications(self) -> None:  # noqa: B027 - optional hook, no-op default
+        """Start push notifications of state changes if the backend needs a listener."""
+
+    def _notifications_active(self) -> bool:
+        """Whether a state change is guaranteed to wake waiters right now."""
+        return True
+
+
+def _clip(reason: str) -> str:
+    reason = reason.strip() or "no reason given"
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."

@@ -1,0 +1,219 @@
+"""The augmentation worker: claim jobs, compute latents in batches, publish, acknowledge.
+
+Delivery is at least once and publishing is idempotent, so the loop never needs to know
+whether a job was seen before: a worker that dies mid-batch leaves its jobs pending, the
+store hands them to another worker after the visibility timeout, and the duplicate result
+overwrites an identical payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cache_store.payload import encode_payload
+from cache_store.store import AugmentationStore
+from cache_store.types import Delivery
+
+log = logging.getLogger(__name__)
+
+
+class LatentModel(Protocol):
+    """What the worker needs of a coprocessor (coprocessor_worker.coprocessor.Coprocessor)."""
+
+    fingerprint: str
+    decoder_fingerprint: str
+
+    @property
+    def n_latents(self) -> int: ...
+
+    def latents(self, prefixes: Sequence[Sequence[int]]) -> list[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    max_jobs: int
+    max_tokens: int
+    """Padded tokens per batch: batch size times its longest prefix."""
+    max_prefix_tokens: int
+    """Longest prefix the decoder can take with the latents after it."""
+    vocab_size: int
+    block_s: float = 1.0
+    stats_interval_s: float = 10.0
+    """How often the worker refreshes the store's deliberate_queue_* gauges."""
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "deliberate_worker_jobs_total",
+            "Jobs finished by outcome (done, failed, released, error)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "deliberate_worker_batch_size",
+            "Jobs per computed batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self.compute_seconds = Histogram(
+            "deliberate_worker_compute_seconds",
+            "Time to compute one batch of latents",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.queue_lag = Gauge(
+            "deliberate_worker_queue_lag_seconds",
+            "How long the oldest job of the latest claim waited in the queue (0 when a claim "
+            "finds the queue empty)",
+            registry=registry,
+        )
+        # Every outcome from the start, so rates and alerts see zeros, not absent series.
+        for outcome in ("done", "failed", "released", "error"):
+            self.jobs.labels(outcome=outcome)
+
+
+def poison_reason(delivery: Delivery, model: LatentModel, limits: WorkerLimits) -> str | None:
+    """Why a job can never succeed on this worker, or None if it can."""
+    job = delivery.job
+    if job.decoder_fp != model.decoder_fingerprint:
+        return (
+            f"job is for decoder {job.decoder_fp}, this worker serves {model.decoder_fingerprint}"
+        )
+    if job.coprocessor_fp != model.fingerprint:
+        return f"job is for coprocessor {job.coprocessor_fp}, this worker has {model.fingerprint}"
+    if not job.token_ids:
+        return "empty prefix"
+    if len(job.token_ids) > limits.max_prefix_tokens:
+        return f"prefix of {len(job.token_ids)} tokens exceeds {limits.max_prefix_tokens}"
+    if min(job.token_ids) < 0 or max(job.token_ids) >= limits.vocab_size:
+        return f"token ids outside the vocabulary [0, {limits.vocab_size})"
+    return None
+
+
+def plan_batches(deliveries: Sequence[Delivery], limits: WorkerLimits) -> list[list[Delivery]]:
+    """Group by similar length so padding stays small, within the job and token budgets."""
+    batches: list[list[Delivery]] = []
+    batch: list[Delivery] = []
+    for delivery in sorted(deliveries, key=lambda d: len(d.job.token_ids)):
+        longest = len(delivery.job.token_ids)  # sorted: the newcomer is the longest
+        if batch and (
+            len(batch) >= limits.max_jobs or (len(batch) + 1) * longest > limits.max_tokens
+        ):
+            batches.append(batch)
+            batch = []
+        batch.append(delivery)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class AugmentationWorker:
+    def __init__(
+        self,
+        store: AugmentationStore,
+        model: LatentModel,
+        *,
+        consumer: str,
+        limits: WorkerLimits,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.consumer = consumer
+        self.limits = limits
+        self.metrics = metrics
+        self.ready = False
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        """Jobs by outcome in this process (the metric's values, readable without scraping)."""
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self.metrics.jobs.labels(outcome=outcome).inc()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set; the batch in hand is finished, the rest handed back."""
+        self.ready = True
+        log.info("worker %s started", self.consumer)
+        next_stats = 0.0
+        try:
+            while not stop.is_set():
+                try:
+                    if time.monotonic() >= next_stats:
+                        # Nothing else reads the queue's depth into Prometheus: the workers
+                        # watch the queue, so they keep its deliberate_queue_* gauges current.
+                        next_stats = time.monotonic() + self.limits.stats_interval_s
+                        await self.store.queue_stats()
+                    await self.step(stop)
+                except Exception:  # store outage or a bug in one batch: keep the worker alive
+                    log.exception("worker step failed; retrying")
+                    self._count("error")
+                    await _sleep_unless(stop, 1.0)
+        finally:
+            self.ready = False
+            log.info("worker %s stopped: %s", self.consumer, dict(self.outcomes))
+
+    async def step(self, stop: asyncio.Event | None = None) -> int:
+        """Claim one round of jobs and finish them; returns how many were handled."""
+        deliveries = await self.store.claim_jobs(
+            self.consumer, self.limits.max_jobs, self.limits.block_s
+        )
+        if not deliveries:
+            self.metrics.queue_lag.set(0.0)  # nothing waited: a stale value would hold alerts
+            return 0
+        now = time.time()
+        self.metrics.queue_lag.set(max(now - d.job.enqueued_at for d in deliveries))
+        runnable = []
+        for delivery in deliveries:
+            reason = poison_reason(delivery, self.model, self.limits)
+            if reason is None:
+                runnable.append(delivery)
+            else:
+                log.warning("dead-lettering job %s: %s", delivery.job.key, reason)
+                await self.store.fail(delivery, reason)
+                self._count("failed")
+        batches = plan_batches(runnable, self.limits)
+        for index, batch in enumerate(batches):
+            if stop is not None and stop.is_set():
+                rest = [d for later in batches[index:] for d in later]
+                for delivery in rest:
+                    await self.store.release(delivery)
+                    self._count("released")
+                log.info("stopping: released %d claimed jobs for other workers", len(rest))
+                break
+            await self._compute_and_publish(batch)
+        return len(deliveries)
+
+    async def _compute_and_publish(self, batch: list[Delivery]) -> None:
+        started = time.perf_counter()
+        # The forward passes hold the GIL rarely; a thread keeps the event loop (and, in the
+        # embedded server, request handling) responsive meanwhile.
+        latents = await asyncio.to_thread(self.model.latents, [d.job.token_ids for d in batch])
+        self.metrics.compute_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        for delivery, tensor in zip(batch, latents, strict=True):
+            job = delivery.job
+            payload = encode_payload(
+                tensor,
+                key=job.key,
+                decoder_fp=job.decoder_fp,
+                coprocessor_fp=job.coprocessor_fp,
+                prefix_len=job.prefix_len,
+            )
+            await self.store.publish(delivery, payload)
+            self._count("done")
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

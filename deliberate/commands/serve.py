@@ -1,0 +1,59 @@
+"""Serve the OpenAI-compatible API on vLLM, with latent augmentation.
+
+With no arguments: the embedded default (bundled SmolLM2-135M decoder and coprocessor,
+in-memory store, a worker inside the process). With --redis-url: the distributed decoder;
+workers run as `deliberate worker` processes or pods (add --embedded-worker to keep one here).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from deliberate.commands import add_settings_flags, settings_from_args
+
+HELP = "serve the OpenAI-compatible API (embedded default: one process does everything)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_flags(
+        parser,
+        "host",
+        "port",
+        "model",
+        "coprocessor",
+        "cache_dir",
+        "dtype",
+        "redis_url",
+        "tenant",
+        "api_keys",
+        "min_context_tokens",
+        "max_context_tokens",
+        "max_request_bytes",
+        "lookup_timeout_seconds",
+        "max_augment_wait_seconds",
+        "allow_unvalidated_coprocessor",
+        "embedded_worker",
+        "max_model_len",
+        "enforce_eager",
+        "kv_cache_gib",
+        "gpu_memory_utilization",
+        "served_model_name",
+        "payload_ttl_seconds",
+        "max_queue_length",
+        "visibility_timeout_seconds",
+        "max_deliveries",
+        "worker_batch_max_jobs",
+        "worker_batch_max_tokens",
+        "torch_threads",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from deliberate.serving import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(settings_from_args(args)))
+    return 0

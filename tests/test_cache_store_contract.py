@@ -1,0 +1,398 @@
+"""The store contract, run against both backends (in-memory and a real redis-server).
+
+Each test states one promise the server or the workers rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from cache_store import (
+    EnqueueOutcome,
+    Job,
+    KeyState,
+    MalformedJob,
+    PayloadRejected,
+    PayloadTooLarge,
+)
+from tests.fixtures.store_backends import (
+    COPROCESSOR_FP,
+    N_LATENTS,
+    StoreHarness,
+    expectation,
+    make_job,
+    make_latents,
+    make_payload,
+    sample,
+)
+
+
+async def test_publish_then_get_returns_verified_latents(harness: StoreHarness) -> None:
+    store = harness.open()
+    job = make_job(1)
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+    assert (await store.status(job.key)).state is KeyState.PENDING
+
+    [delivery] = await store.claim_jobs("worker-1", max_jobs=4, block_s=0.5)
+    assert delivery.job == job
+    assert delivery.deliveries == 1
+    assert (await store.status(job.key)).attempts == 1
+
+    await store.publish(delivery, make_payload(job, seed=3))
+    status = await store.status(job.key)
+    assert status.state is KeyState.READY and status.attempts == 1
+
+    payload = await store.get_payload(job.key, expectation(job))
+    assert payload is not None
+    assert torch.equal(payload.latents, make_latents(3).to(torch.bfloat16))
+    assert (payload.n_latents, payload.prefix_len) == (N_LATENTS, job.prefix_len)
+    assert sample(store, "deliberate_store_hits_total") == 1
+    assert await store.enqueue(job) is EnqueueOutcome.ALREADY_READY
+    stats = await store.queue_stats()
+    assert (stats.length, stats.pending) == (0, 0)
+
+
+async def test_absent_key_is_a_counted_miss(harness: StoreHarness) -> None:
+    store = harness.open()
+    job = make_job(2)
+    assert await store.get_payload(job.key, expectation(job)) is None
+    assert (await store.status(job.key)).state is KeyState.ABSENT
+    assert sample(store, "deliberate_store_misses_total") == 1
+    assert sample(store, "deliberate_store_hits_total") == 0
+    count = sample(
+        store, "deliberate_store_operation_seconds_count", op="get", backend=store.backend
+    )
+    assert count == 1
+
+
+async def test_fifty_concurrent_enqueues_of_one_key_make_one_job(harness: StoreHarness) -> None:
+    store = harness.open()
+    # Several handles, as several server processes would have, all racing on one key.
+    handles = [store, *(harness.peer(store) for _ in range(4))]
+    # Connect first: the race under test is the enqueue, not five cold client start-ups.
+    await asyncio.gather(*(handle.ping() for handle in handles))
+    job = make_job(3)
+    outcomes = await asyncio.gather(*(handles[i % 5].enqueue(job) for i in range(50)))
+    assert outcomes.count(EnqueueOutcome.ENQUEUED) == 1
+    assert outcomes.count(EnqueueOutcome.ALREADY_PENDING) == 49
+    assert (await store.queue_stats()).length == 1
+    deliveries = await store.claim_jobs("worker-1", max_jobs=10, block_s=0.2)
+    assert [d.job.key for d in deliveries] == [job.key]
+    enqueued = sum(
+        sample(h, "deliberate_store_enqueue_total", outcome="enqueued") for h in set(handles)
+    )
+    assert enqueued == 1
+
+
+async def test_job_held_past_visibility_timeout_is_reclaimed(harness: StoreHarness) -> None:
+    store = harness.open(visibility_timeout_s=0.5)
+    other = harness.peer(store)
+    job = make_job(4)
+    await store.enqueue(job)
+    [first] = await store.claim_jobs("worker-dies", block_s=0.5)
+    # Before the visibility timeout the job stays with its first consumer.
+    assert await other.claim_jobs("worker-2", block_s=0.1) == []
+    await asyncio.sleep(0.6)
+    [second] = await other.claim_jobs("worker-2", block_s=0.5)
+    assert second.stream_id == first.stream_id
+    assert second.deliveries == 2
+    assert second.consumer == "worker-2"
+    assert sample(other, "deliberate_store_reclaimed_total") == 1
+    await other.publish(second, make_payload(job, seed=1))
+    # The slow first consumer finishing late is harmless (at-least-once, idempotent).
+    await store.publish(first, make_payload(job, seed=1))
+    assert (await store.status(job.key)).state is KeyState.READY
+    assert (await store.queue_stats()).length == 0
+    assert await store.get_payload(job.key, expectation(job)) is not None
+
+
+async def test_job_past_max_deliveries_is_dead_lettered(harness: StoreHarness) -> None:
+    store = harness.open(visibility_timeout_s=0.3, max_deliveries=2)
+    job = make_job(5)
+    await store.enqueue(job)
+    for attempt in (1, 2):
+        [delivery] = await store.claim_jobs(f"crashy-{attempt}", block_s=0.5)
+        assert delivery.deliveries == attempt
+        await asyncio.sleep(0.4)
+    assert await store.claim_jobs("worker-3", block_s=0.1) == []
+    status = await store.status(job.key)
+    assert status.state is KeyState.FAILED
+    assert status.reason is not None and "2 deliveries" in status.reason
+    assert status.attempts == 3
+    [letter] = await store.dead_letters()
+    assert letter.key == job.key and letter.deliveries == 3
+    assert await store.enqueue(job) is EnqueueOutcome.FAILED
+    stats = await store.queue_stats()
+    assert (stats.length, stats.pending, stats.dead_letters) == (0, 0, 1)
+    assert sample(store, "deliberate_store_dead_lettered_total") == 1
+
+
+async def test_fail_keeps_reason_and_count(harness: StoreHarness) -> None:
+    store = harness.open()
+    job = make_job(6)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.fail(delivery, "prefix longer than the model's context (9000 > 8192)")
+    status = await store.status(job.key)
+    assert status.state is KeyState.FAILED
+    assert status.reason == "prefix longer than the model's context (9000 > 8192)"
+    assert status.attempts == 1
+    assert (await store.wait_ready(job.key, 1.0)).state is KeyState.FAILED
+    [letter] = await store.dead_letters()
+    assert letter.reason == status.reason and letter.job_json == job.to_json()
+
+
+async def test_failed_mark_expires_so_the_key_can_be_retried(harness: StoreHarness) -> None:
+    store = harness.open(failed_ttl_s=0.4)
+    job = make_job(7)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.fail(delivery, "transient")
+    assert await store.enqueue(job) is EnqueueOutcome.FAILED
+    await asyncio.sleep(0.5)
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+
+
+def _flip_last_tensor_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0x01])
+
+
+CORRUPTIONS = {
+    # name: (how the stored bytes are made from the job, expected rejection reason)
+    "wrong_digest": (lambda job: _flip_last_tensor_byte(make_payload(job)), "digest_mismatch"),
+    "wrong_fingerprint": (
+        lambda job: make_payload(job, coprocessor_fp=COPROCESSOR_FP + "-other"),
+        "fingerprint_mismatch",
+    ),
+    "truncated": (lambda job: make_payload(job)[:-100], "corrupt"),
+    "truncated_header": (lambda job: make_payload(job)[:20], "corrupt"),
+    "wrong_dtype": (lambda job: make_payload(job, dtype=torch.float32), "dtype"),
+    "wrong_shape": (
+        lambda job: make_payload(job, latents=make_latents(0, n_latents=N_LATENTS // 2)),
+        "shape",
+    ),
+    "other_key": (lambda job: make_payload(job, key=make_job(999).key), "key_mismatch"),
+    "not_safetensors": (lambda job: b"\x80\x04\x95pickle-ish garbage" * 10, "corrupt"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+async def test_bad_payload_is_rejected_counted_and_never_returned(
+    harness: StoreHarness, corruption: str
+) -> None:
+    store = harness.open()
+    job = make_job(8)
+    build, reason = CORRUPTIONS[corruption]
+    await harness.inject_payload(store, job.key, build(job))
+    assert (await store.status(job.key)).state is KeyState.READY
+
+    assert await store.get_payload(job.key, expectation(job)) is None
+    assert sample(store, "deliberate_store_payload_rejected_total", reason=reason) == 1
+    assert sample(store, "deliberate_store_misses_total") == 1
+    assert sample(store, "deliberate_store_hits_total") == 0
+    # Deleted, so the next miss can enqueue a fresh job instead of "already ready".
+    assert (await store.status(job.key)).state is KeyState.ABSENT
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+
+
+async def test_oversized_stored_payload_is_rejected(harness: StoreHarness) -> None:
+    store = harness.open(max_payload_bytes=1000)
+    job = make_job(9)
+    await harness.inject_payload(store, job.key, make_payload(job))
+    assert await store.get_payload(job.key, expectation(job)) is None
+    assert sample(store, "deliberate_store_payload_rejected_total", reason="too_large") == 1
+
+
+async def test_publish_refuses_a_payload_that_does_not_match_the_job(
+    harness: StoreHarness,
+) -> None:
+    store = harness.open(max_payload_bytes=4000)
+    job = make_job(10)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    with pytest.raises(PayloadRejected) as excinfo:
+        await store.publish(delivery, make_payload(job, key=make_job(11).key))
+    assert excinfo.value.reason == "key_mismatch"
+    with pytest.raises(PayloadTooLarge):
+        await store.publish(delivery, make_payload(job, latents=torch.randn(64, 64)))
+    # Nothing was stored or acked: the job is still in the worker's hands.
+    assert (await store.status(job.key)).state is KeyState.PENDING
+    assert (await store.queue_stats()).pending == 1
+
+
+async def test_payload_expires_after_its_ttl(harness: StoreHarness) -> None:
+    store = harness.open(payload_ttl_s=0.5)
+    job = make_job(12)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.publish(delivery, make_payload(job))
+    assert await store.get_payload(job.key, expectation(job)) is not None
+    await asyncio.sleep(0.7)
+    assert await store.get_payload(job.key, expectation(job)) is None
+    assert (await store.status(job.key)).state is KeyState.ABSENT
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+
+
+async def test_full_queue_refuses_and_counts(harness: StoreHarness) -> None:
+    store = harness.open(max_queue_length=3)
+    jobs = [make_job(20 + i) for i in range(4)]
+    for job in jobs[:3]:
+        assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+    assert await store.enqueue(jobs[3]) is EnqueueOutcome.QUEUE_FULL
+    assert sample(store, "deliberate_store_enqueue_total", outcome="queue_full") == 1
+    # A refused key is not left pending: it can be enqueued once there is room.
+    assert (await store.status(jobs[3].key)).state is KeyState.ABSENT
+    assert (await store.queue_stats()).length == 3
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.publish(delivery, make_payload(delivery.job))
+    assert await store.enqueue(jobs[3]) is EnqueueOutcome.ENQUEUED
+
+
+async def test_wait_ready_is_woken_by_publish_not_by_polling(harness: StoreHarness) -> None:
+    # A 30 s poll interval: only a push notification can wake the waiter in time.
+    store = harness.open(poll_interval_s=30.0)
+    worker = harness.peer(store)
+    job = make_job(30)
+    await store.enqueue(job)
+    waiter = asyncio.create_task(store.wait_ready(job.key, timeout_s=10.0))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()
+    [delivery] = await worker.claim_jobs("worker-1", block_s=0.5)
+    published_at = time.monotonic()
+    await worker.publish(delivery, make_payload(job))
+    status = await asyncio.wait_for(waiter, 5.0)
+    assert status.state is KeyState.READY
+    # Far below the 30 s poll interval; slack for a loaded 2-core machine.
+    assert time.monotonic() - published_at < 3.0
+
+
+async def test_wait_ready_returns_pending_at_its_deadline(harness: StoreHarness) -> None:
+    store = harness.open()
+    job = make_job(31)
+    await store.enqueue(job)
+    start = time.monotonic()
+    status = await store.wait_ready(job.key, timeout_s=0.3)
+    elapsed = time.monotonic() - start
+    assert status.state is KeyState.PENDING
+    assert 0.25 <= elapsed < 3.0
+
+
+async def test_release_hands_the_job_back_at_once(harness: StoreHarness) -> None:
+    store = harness.open(visibility_timeout_s=30.0)
+    other = harness.peer(store)
+    job = make_job(32)
+    await store.enqueue(job)
+    [held] = await store.claim_jobs("worker-sigterm", block_s=0.5)
+    await store.release(held)
+    [again] = await other.claim_jobs("worker-2", block_s=0.5)
+    assert again.stream_id == held.stream_id
+    # A release is not a failed attempt: it does not use up a delivery.
+    assert again.deliveries == 1
+    # A stale release by the first consumer does not take the job from the second.
+    await store.release(held)
+    assert await store.claim_jobs("worker-3", block_s=0.1) == []
+
+
+async def test_ack_drops_the_job_and_frees_the_key(harness: StoreHarness) -> None:
+    store = harness.open()
+    job = make_job(33)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.ack(delivery)
+    assert (await store.status(job.key)).state is KeyState.ABSENT
+    stats = await store.queue_stats()
+    assert (stats.length, stats.pending) == (0, 0)
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+
+
+async def test_nothing_enqueued_is_lost_through_crashes_and_releases(
+    harness: StoreHarness,
+) -> None:
+    store = harness.open(visibility_timeout_s=0.3, max_deliveries=5)
+    jobs = [make_job(100 + i) for i in range(20)]
+    for job in jobs:
+        assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+    crashed = await harness.peer(store).claim_jobs("worker-crashes", max_jobs=5, block_s=0.5)
+    released = await harness.peer(store).claim_jobs("worker-stops", max_jobs=5, block_s=0.5)
+    assert len(crashed) == len(released) == 5
+    for delivery in released:
+        await store.release(delivery)
+
+    finisher = harness.peer(store)
+    deadline = time.monotonic() + 10
+    done: set[str] = set()
+    while len(done) < len(jobs) and time.monotonic() < deadline:
+        for delivery in await finisher.claim_jobs("worker-ok", max_jobs=4, block_s=0.2):
+            await finisher.publish(delivery, make_payload(delivery.job, seed=len(done)))
+            done.add(delivery.job.key)
+    assert done == {job.key for job in jobs}
+    for job in jobs:
+        assert await store.get_payload(job.key, expectation(job)) is not None
+    stats = await store.queue_stats()
+    assert (stats.length, stats.pending, stats.dead_letters) == (0, 0, 0)
+
+
+async def test_queue_stats_report_depth_and_set_gauges(harness: StoreHarness) -> None:
+    store = harness.open()
+    for i in range(3):
+        await store.enqueue(make_job(40 + i))
+    await store.claim_jobs("worker-1", max_jobs=1, block_s=0.5)
+    await asyncio.sleep(0.05)
+    stats = await store.queue_stats()
+    assert (stats.length, stats.pending, stats.waiting) == (3, 1, 2)
+    assert stats.oldest_age_s is not None and stats.oldest_age_s >= 0.04
+    assert sample(store, "deliberate_queue_length") == 3
+    assert sample(store, "deliberate_queue_pending") == 1
+
+
+async def test_tenants_and_fingerprints_never_share_payloads(harness: StoreHarness) -> None:
+    store = harness.open()
+    job_a = make_job(50, tenant="tenant-a")
+    job_b = make_job(50, tenant="tenant-b")
+    assert job_a.token_ids == job_b.token_ids and job_a.key != job_b.key
+    await store.enqueue(job_a)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.publish(delivery, make_payload(job_a))
+    assert await store.get_payload(job_b.key, expectation(job_b)) is None
+    assert await store.enqueue(job_b) is EnqueueOutcome.ENQUEUED
+
+
+async def test_claim_waits_for_new_jobs_up_to_block_s(harness: StoreHarness) -> None:
+    store = harness.open()
+    producer = harness.peer(store)
+    start = time.monotonic()
+    assert await store.claim_jobs("worker-1", block_s=0.3) == []
+    assert 0.25 <= time.monotonic() - start < 3.0
+
+    job = make_job(60)
+    claim = asyncio.create_task(store.claim_jobs("worker-1", block_s=5.0))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await producer.enqueue(job)
+    [delivery] = await asyncio.wait_for(claim, 5.0)
+    assert delivery.job.key == job.key
+    assert time.monotonic() - started < 3.0
+
+
+async def test_enqueue_refuses_a_job_whose_key_does_not_match(harness: StoreHarness) -> None:
+    store = harness.open()
+    good = make_job(70)
+    forged = Job(good.key, good.tenant, good.decoder_fp, good.coprocessor_fp, [1, 2, 3])
+    with pytest.raises(MalformedJob):
+        await store.enqueue(forged)
+    assert (await store.queue_stats()).length == 0
+
+
+async def test_close_ends_waiters_with_the_last_status(harness: StoreHarness) -> None:
+    store = harness.open(poll_interval_s=30.0)
+    job = make_job(71)
+    await store.enqueue(job)
+    waiter = asyncio.create_task(store.wait_ready(job.key, timeout_s=30.0))
+    await asyncio.sleep(0.2)
+    await store.close()
+    status = await asyncio.wait_for(waiter, 3.0)
+    assert status.state is KeyState.PENDING
