@@ -669,8 +669,10 @@ BUNDLED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
 def bundled_checkpoint_dir(method: str = "lora") -> Path:
-    """The trained default for the bundled SmolLM2-135M-Instruct (committed to the repo)."""
-    return BUNDLED_CHECKPOINTS / f"smollm2-135m-{method}"
+    """The trained defaults for the bundled SmolLM2-135M-Instruct (committed to the repo):
+    the coprocessor (the serving default, deliberate.wiring) and its pause-token baseline."""
+    name = "smollm2-135m-instruct" + ("" if method == "lora" else f"-{method}")
+    return BUNDLED_CHECKPOINTS / name
 
 
 def export_checkpoint(src: Path, dst: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
