@@ -48,6 +48,25 @@ Method = Literal["lora", "full", "pause"]
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [B, heads, T, dim]
 
 
+def auto_compute_dtype() -> torch.dtype:
+    """bf16 where the hardware does bf16 math natively (CUDA, AVX512-BF16, AMX), else fp32:
+    on AVX2-only CPUs bf16 matmuls are emulated and 4-50x slower than fp32 (measured)."""
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("\nflags", 2)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    """ "bfloat16" | "float32" | "auto"/None (see auto_compute_dtype)."""
+    if name in (None, "auto"):
+        return auto_compute_dtype()
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
 class CheckpointMismatch(Exception):
     """The checkpoint was trained for another decoder (fingerprints differ)."""
 
@@ -290,11 +309,13 @@ class CoprocessorModel(nn.Module):
         n_ahead: int,
         *,
         latents: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prefix: tuple[KV, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL [B, K, n_ahead] of the n_ahead tokens after each prefix
         ids[b, :prefix_lens[b, k]], with this model's latents inserted (latents=True), and the
-        plain decoder's NLL [B, K, n_ahead] from the same prefix pass (no grad)."""
-        kv, last_hidden = self.prefix_pass(ids)
+        plain decoder's NLL [B, K, n_ahead] from the same prefix pass (no grad). `prefix` is
+        that pass if already run (it is the same for every model sharing the decoder)."""
+        kv, last_hidden = prefix if prefix is not None else self.prefix_pass(ids)
         b, k = prefix_lens.shape
         offsets = torch.arange(n_ahead)
         ahead_idx = prefix_lens[:, :, None] + offsets  # [B, K, A]
@@ -595,12 +616,14 @@ class Coprocessor:
         decoder_dir: Path,
         *,
         dtype: torch.dtype = torch.bfloat16,
-        compute_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
     ) -> Coprocessor:
         """`dtype` is the latents' dtype (what the server inserts); `compute_dtype` what the
-        model runs in: fp32 by default, since bf16 is ~4x slower on CPUs without AVX512-BF16;
-        `device` where (latents always come back in host memory, ready to serialize)."""
+        model runs in, by default picked from the hardware (`auto_compute_dtype`: fp32 on
+        CPUs without AVX512-BF16); `device` where (latents always come back in host memory,
+        ready to serialize)."""
+        compute_dtype = compute_dtype or auto_compute_dtype()
         from cache_store.fingerprint import checkpoint_fingerprint
 
         model, meta, tokenizer = load_model(
@@ -640,3 +663,35 @@ class Coprocessor:
         lat = self.model.latents_at(kv, lens[:, None].to(device))[:, 0]
         # Callers serialize the latents (safetensors needs host memory): hand back CPU tensors.
         return [row.to(self.dtype).cpu().contiguous() for row in lat]
+
+
+BUNDLED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+def bundled_checkpoint_dir(method: str = "lora") -> Path:
+    """The trained defaults for the bundled SmolLM2-135M-Instruct (committed to the repo):
+    the coprocessor (the serving default, deliberate.wiring) and its pause-token baseline."""
+    name = "smollm2-135m-instruct" + ("" if method == "lora" else f"-{method}")
+    return BUNDLED_CHECKPOINTS / name
+
+
+def export_checkpoint(src: Path, dst: Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a run's checkpoint without its optimizer state, tensors cast to `dtype` (bf16
+    halves the adapter's size; the model computes in fp32 after loading either way)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    read_meta(src)  # refuse anything that is not a checkpoint
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in (EXTRA_FILE, ADAPTER_FILE, FULL_FILE):
+        if (src / name).is_file():
+            tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(src / name)).items()}
+            save_file(tensors, str(dst / name))
+    for name in (META_FILE, "adapter_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+    return dst

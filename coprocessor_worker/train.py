@@ -30,6 +30,7 @@ from coprocessor_worker.coprocessor import (
     load_decoder,
     load_trainable_state,
     read_checkpoint_state,
+    resolve_dtype,
     save_checkpoint,
 )
 from coprocessor_worker.train_config import TrainConfig
@@ -165,7 +166,7 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    compute = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    compute = resolve_dtype(cfg.dtype)
     decoder, tokenizer = load_decoder(decoder_dir, compute)  # frozen weights in compute dtype
     decoder_fp = decoder_fingerprint(decoder_dir)
     model = build_model(decoder, tokenizer, cfg.coprocessor_config(), compute)

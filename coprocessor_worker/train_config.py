@@ -36,8 +36,9 @@ class TrainConfig:
     init_text: str = ","  # measured: the least harmful start of 7 tried (docs/coprocessor.md)
     init_from: str = ""  # a checkpoint whose latent base (pause embeddings) starts this run
     seed: int = 0
-    # float32: on CPUs without AVX512-BF16 (this one) bf16 matmuls are ~4x slower than fp32.
-    dtype: Literal["bfloat16", "float32"] = "float32"
+    # auto: bf16 only on CUDA or CPUs with AVX512-BF16/AMX; on AVX2-only CPUs bf16 matmuls
+    # are emulated and many times slower than fp32 (measured on this project's machine).
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     threads: int = 1  # on a shared 2-core box, 2 OpenMP threads spin and run ~5x slower
     eval_every: int = 40
     eval_windows: int = 32

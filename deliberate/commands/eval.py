@@ -1,0 +1,107 @@
+"""Evaluate coprocessor and pause-token checkpoints against the plain decoder.
+
+  deliberate eval --coprocessor RUN/best --pause PAUSE_RUN/best --out results/
+  deliberate eval --coprocessor CKPT --record      # also write the table and quality gate
+                                                   # into CKPT/deliberate.json
+
+Held-out perplexity change at ahead positions 1, 2, 4, 8, 16 (paired bootstrap CIs over
+documents), log-likelihood accuracy on ARC-Easy, HellaSwag and LAMBADA with latents inserted
+after the context. Writes OUT/result.json, OUT/result.md and OUT/result.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from deliberate.commands import add_settings_flags, settings_from_args
+
+HELP = "evaluate coprocessor / pause checkpoints (perplexity table, accuracy, quality gate)"
+TASKS = ["arc_easy", "hellaswag", "lambada"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coprocessor",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CKPT",
+        help="coprocessor checkpoint (repeatable)",
+    )
+    parser.add_argument(
+        "--pause",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CKPT",
+        help="pause-token checkpoint (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for result.{json,md,png}")
+    parser.add_argument(
+        "--tasks",
+        nargs="*",
+        default=TASKS,
+        choices=[*TASKS, "arc_challenge", "mmlu"],
+        help=f"accuracy sets (default: {' '.join(TASKS)}; none: --tasks)",
+    )
+    parser.add_argument("--n-docs", type=int, default=200, help="held-out documents")
+    parser.add_argument("--mc-items", type=int, default=200, help="items per accuracy set")
+    parser.add_argument("--positions-per-doc", type=int, default=8)
+    parser.add_argument(
+        "--corpus",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="held-out text from a user's corpus instead of the bundled prose",
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="compute dtype (auto: bf16 only where the hardware has it)",
+    )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="write evaluation + quality gate into each checkpoint's deliberate.json",
+    )
+    add_settings_flags(parser, "cache_dir", "model")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from coprocessor_worker.coprocessor import load_model, resolve_dtype
+    from coprocessor_worker.evaluate import EvalConfig, evaluate, record_in_checkpoint
+    from deliberate.models import resolve_decoder
+
+    torch.set_num_threads(args.threads)
+    settings = settings_from_args(args)
+    decoder = resolve_decoder(Path(settings.model) if settings.model else None, settings.cache_dir)
+    named = [(f"pause:{p}", p) for p in args.pause] + [
+        (f"coprocessor:{p}", p) for p in args.coprocessor
+    ]
+    if not named:
+        raise SystemExit("give at least one --coprocessor or --pause checkpoint")
+    models, tokenizer = {}, None
+    for name, path in named:
+        # Separate decoder copies: LoRA is injected into its decoder in place.
+        model, _, tokenizer = load_model(path, decoder, compute_dtype=resolve_dtype(args.dtype))
+        models[name] = model
+    docs = None
+    if args.corpus:
+        from coprocessor_worker.data import corpus_documents
+
+        docs = corpus_documents(args.corpus, "held_out")
+    cfg = EvalConfig(
+        n_docs=args.n_docs, mc_items=args.mc_items, positions_per_doc=args.positions_per_doc
+    )
+    result = evaluate(models, tokenizer, cfg, args.out, list(args.tasks), docs)
+    print((args.out / "result.md").read_text())
+    if args.record:
+        for name, path in named:
+            record_in_checkpoint(path, name, result)
+            print(f"recorded evaluation and quality gate in {path / 'deliberate.json'}")
+    return 0

@@ -1,0 +1,140 @@
+"""Evaluation: scoring with latents equals a plain forward over the spliced sequence; the
+bootstrap table and the quality gate; the whole report on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coprocessor_worker import evaluate as ev
+from coprocessor_worker.coprocessor import CoprocessorConfig, build_model, load_decoder
+
+
+def _models(tiny_llama: Path) -> dict:
+    torch.manual_seed(2)
+    out = {}
+    for method in ("pause", "lora"):
+        decoder, tokenizer = load_decoder(tiny_llama, torch.float32)
+        model = build_model(
+            decoder,
+            tokenizer,
+            CoprocessorConfig(method=method, n_latents=2, lora_rank=4),
+            torch.float32,
+        )
+        with torch.no_grad():
+            for group in model.trainable_parameters().values():
+                for p in group:
+                    p.add_(torch.randn_like(p) * 0.1)
+        out[method] = model
+    return out
+
+
+def test_continuation_scores_equal_a_plain_forward(tiny_llama: Path) -> None:
+    model = _models(tiny_llama)["lora"]
+    ctx = [11, 12, 13, 14, 15]
+    conts = [[21, 22, 23], [31], [41, 42]]
+    prefix = model.prefix_pass(torch.tensor([ctx]))
+    for use_latents in (False, True):
+        scores = ev.continuation_logprobs(model, prefix, len(ctx), conts, use_latents, pad_id=0)
+        for cont, score in zip(conts, scores, strict=True):
+            with torch.no_grad():
+                parts = [model.embed(torch.tensor(ctx))]
+                if use_latents:
+                    kv, _ = prefix
+                    parts.append(model.latents_at(kv, torch.tensor([[len(ctx)]]))[0, 0])
+                parts.append(model.embed(torch.tensor(cont)))
+                embeds = torch.cat(parts)[None]
+                with model.decoder_role():
+                    logp = torch.log_softmax(model.decoder(inputs_embeds=embeds).logits[0], -1)
+            start = embeds.shape[1] - len(cont)
+            expected = logp[start - 1 : -1].gather(1, torch.tensor(cont)[:, None])[:, 0]
+            np.testing.assert_allclose(score[0], expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_relative_change_table_and_gate() -> None:
+    rng = np.random.default_rng(0)
+    none = rng.normal(3.0, 0.5, size=(300, 16))
+    better = none - 0.02 + rng.normal(0, 0.01, size=none.shape)
+    worse = none + 0.05
+    cfg = ev.EvalConfig(n_bootstrap=500)
+    table = ev.relative_change_table({"none": none, "better": better, "worse": worse}, cfg)
+    row = table["better"]["8"]
+    assert row["ci_low"] < row["change"] < row["ci_high"] < 0
+    assert abs(row["change"] - (np.exp(-0.02) - 1)) < 0.003
+    assert ev.quality_gate(table["better"])["passed"]
+    gate = ev.quality_gate(table["worse"])
+    assert not gate["passed"] and set(gate["values"]) == {"8", "16"}
+    assert "positions 8 and 16" in gate["rule"]
+    # A point estimate just below zero with a wide interval reaching past epsilon fails too.
+    wide = {
+        "8": {"change": -0.001, "ci_low": -0.05, "ci_high": 0.03},
+        "16": {"change": -0.01, "ci_low": -0.02, "ci_high": 0.0},
+    }
+    assert not ev.quality_gate(wide)["passed"]
+
+
+def test_evaluate_writes_json_markdown_png(tiny_llama: Path, tmp_path: Path) -> None:
+    models = _models(tiny_llama)
+    _, tokenizer = load_decoder(tiny_llama, torch.float32)
+    cfg = ev.EvalConfig(n_docs=6, mc_items=3, batch_docs=4, n_bootstrap=50, window=96)
+    result = ev.evaluate(models, tokenizer, cfg, tmp_path, ["arc_easy", "lambada", "hellaswag"])
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["n_docs"] == 6
+    assert set(saved["perplexity"]) == {"none", "pause", "lora"}
+    assert set(saved["perplexity"]["lora"]) == {"1", "2", "4", "8", "16", "mean"}
+    for task in ("arc_easy", "lambada", "hellaswag"):
+        assert set(saved["tasks"][task]) == {"none", "pause", "lora"}
+        assert all(0 <= v["acc"] <= 1 for v in saved["tasks"][task].values())
+    assert "acc_norm" in saved["tasks"]["hellaswag"]["none"]
+    md = (tmp_path / "result.md").read_text()
+    assert "| lora |" in md and "pos 16" in md and "Quality gate (lora)" in md
+    assert (tmp_path / "result.png").stat().st_size > 5000
+    # A random tiny model's latents are far from harmless: its gate must fail.
+    assert result["quality_gate"]["lora"]["passed"] is False
+
+
+@pytest.mark.parametrize("name", ["pause", "lora"])
+def test_record_in_checkpoint(tiny_llama: Path, tmp_path: Path, name: str) -> None:
+    from cache_store.fingerprint import decoder_fingerprint
+    from coprocessor_worker.coprocessor import read_meta, save_checkpoint
+
+    model = _models(tiny_llama)[name]
+    ckpt = save_checkpoint(
+        model, tmp_path / name, decoder_fingerprint=decoder_fingerprint(tiny_llama)
+    )
+    assert read_meta(ckpt)["quality_gate"]["passed"] is False
+    row = {
+        "8": {"change": -0.01, "ci_low": -0.02, "ci_high": -0.001},
+        "16": {"change": -0.01, "ci_low": -0.02, "ci_high": 0.0},
+    }
+    result = {
+        "perplexity": {name: row, "none": {}},
+        "n_docs": 1,
+        "tasks": {},
+        "config": {},
+        "quality_gate": {name: ev.quality_gate(row)},
+    }
+    ev.record_in_checkpoint(ckpt, name, result)
+    meta = read_meta(ckpt)
+    assert meta["quality_gate"]["passed"] is True
+    assert meta["evaluation"]["held_out_perplexity_change"]["8"]["change"] == -0.01
+
+
+def test_read_log_keeps_the_last_record_of_a_resumed_step(tmp_path: Path) -> None:
+    records = [
+        {"event": "eval", "step": 0, "rel_ppl_change_mean": 1.0, "rel_ppl_change": {"8": 0.5}},
+        {"event": "step", "step": 1, "loss": 4.0},
+        {"event": "step", "step": 2, "loss": 3.9},
+        {"event": "step", "step": 2, "loss": 3.8},  # replayed after a resume from step 1
+        {"event": "eval", "step": 2, "rel_ppl_change_mean": 0.5, "rel_ppl_change": {"8": 0.1}},
+    ]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    steps, evals = ev.read_log(tmp_path)
+    assert [s["loss"] for s in steps] == [4.0, 3.8]
+    assert [e["step"] for e in evals] == [0, 2]
+    ev.plot_learning_curves({"run": tmp_path}, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 5000

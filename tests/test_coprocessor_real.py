@@ -1,0 +1,55 @@
+"""The committed default checkpoint on the real bundled decoder (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from coprocessor_worker.coprocessor import CheckpointMismatch, Coprocessor, bundled_checkpoint_dir
+
+
+@pytest.fixture(scope="module")
+def coprocessor(bundled_decoder: Path) -> Coprocessor:
+    return Coprocessor.load(bundled_checkpoint_dir("lora"), bundled_decoder)
+
+
+def test_bundled_checkpoint_metadata(bundled_decoder: Path) -> None:
+    from cache_store.fingerprint import decoder_fingerprint
+
+    for method in ("lora", "pause"):
+        meta = json.loads((bundled_checkpoint_dir(method) / "deliberate.json").read_text())
+        assert meta["method"] == method
+        assert meta["decoder_fingerprint"] == decoder_fingerprint(bundled_decoder)
+        assert (meta["n_latents"], meta["hidden_size"]) == (8, 576)
+        gate = meta["quality_gate"]
+        assert isinstance(gate["passed"], bool) and gate["rule"] and "values" in gate
+
+
+def test_real_latents_batched_equal_single(coprocessor: Coprocessor) -> None:
+    tok = coprocessor.tokenizer
+    texts = [
+        "The committee met on Tuesday to discuss the budget for the new library.",
+        "She opened the door.",
+        "In 1905 Einstein published four papers that changed physics, among them special "
+        "relativity and the photoelectric effect, which later won him the Nobel Prize.",
+    ]
+    prefixes = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batched = coprocessor.latents(prefixes)
+    for prefix, lat in zip(prefixes, batched, strict=True):
+        assert lat.shape == (8, 576) and lat.dtype == torch.bfloat16
+        assert torch.isfinite(lat.float()).all()
+        single = coprocessor.latents([prefix])[0]
+        # fp32 compute; padding changes matmul shapes only, so within bf16 rounding.
+        torch.testing.assert_close(lat.float(), single.float(), atol=2e-2, rtol=1e-2)
+    # Latents live at input-embedding scale (rows ~3 in norm), not final-state scale (~50).
+    norms = torch.stack(batched).float().norm(dim=-1)
+    embed_norm = coprocessor.model.embed(torch.arange(1000)).float().norm(dim=-1).mean()
+    assert (norms < 4 * embed_norm).all()
+
+
+def test_real_checkpoint_refused_for_another_decoder(tiny_llama: Path) -> None:
+    with pytest.raises(CheckpointMismatch):
+        Coprocessor.load(bundled_checkpoint_dir("lora"), tiny_llama)
