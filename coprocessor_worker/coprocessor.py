@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache_store.checkpoint import CheckpointMismatch
+
 FORMAT_VERSION = 1
 META_FILE = "deliberate.json"
 EXTRA_FILE = "latents.safetensors"
@@ -65,10 +67,6 @@ def resolve_dtype(name: str | None) -> torch.dtype:
     if name in (None, "auto"):
         return auto_compute_dtype()
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
-class CheckpointMismatch(Exception):
-    """The checkpoint was trained for another decoder (fingerprints differ)."""
 
 
 @dataclass

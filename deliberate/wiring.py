@@ -10,22 +10,17 @@ import logging
 import os
 import signal
 import socket
-from importlib.resources import files
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from cache_store import AugmentationStore, open_store
+from coprocessor_worker.coprocessor import Coprocessor, bundled_checkpoint_dir
 from coprocessor_worker.worker import AugmentationWorker, WorkerLimits, WorkerMetrics
 from deliberate.models import resolve_decoder
 from deliberate.settings import Settings
 
-BUNDLED_COPROCESSOR = "smollm2-135m-instruct"
 log = logging.getLogger(__name__)
-
-
-def bundled_coprocessor_dir() -> Path:
-    return Path(str(files("coprocessor_worker") / "checkpoints" / BUNDLED_COPROCESSOR))
 
 
 def decoder_dir(settings: Settings) -> Path:
@@ -33,7 +28,7 @@ def decoder_dir(settings: Settings) -> Path:
 
 
 def coprocessor_dir(settings: Settings) -> Path:
-    return settings.coprocessor or bundled_coprocessor_dir()
+    return settings.coprocessor or bundled_checkpoint_dir()
 
 
 def make_store(settings: Settings, registry: CollectorRegistry) -> AugmentationStore:
@@ -53,8 +48,6 @@ def make_worker(
 ) -> AugmentationWorker:
     """Load the decoder and coprocessor (seconds) and build a worker around them."""
     import torch
-
-    from coprocessor_worker.coprocessor import Coprocessor
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
