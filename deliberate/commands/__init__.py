@@ -7,6 +7,18 @@ from typing import Any, get_args
 
 from deliberate.settings import Settings
 
+# Flags that every process touching models or the store takes.
+MODEL_FLAGS = ("model", "coprocessor", "cache_dir", "dtype", "max_model_len", "torch_threads")
+STORE_FLAGS = (
+    "redis_url",
+    "payload_ttl_seconds",
+    "max_queue_length",
+    "visibility_timeout_seconds",
+    "max_deliveries",
+    "max_payload_bytes",
+)
+WORKER_FLAGS = ("worker_batch_max_jobs", "worker_batch_max_tokens", "worker_claim_block_seconds")
+
 
 def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
     """Add `--<name>` flags mirroring `Settings` fields; unset flags fall back to env vars."""

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from deliberate.commands import add_settings_flags, settings_from_args
+from deliberate.commands import (
+    MODEL_FLAGS,
+    STORE_FLAGS,
+    WORKER_FLAGS,
+    add_settings_flags,
+    settings_from_args,
+)
 
 HELP = "serve the OpenAI-compatible API (embedded default: one process does everything)"
 
@@ -19,11 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "host",
         "port",
-        "model",
-        "coprocessor",
-        "cache_dir",
-        "dtype",
-        "redis_url",
+        *MODEL_FLAGS,
+        *STORE_FLAGS,
+        *WORKER_FLAGS,
         "tenant",
         "api_keys",
         "min_context_tokens",
@@ -33,18 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "max_augment_wait_seconds",
         "allow_unvalidated_coprocessor",
         "embedded_worker",
-        "max_model_len",
         "enforce_eager",
         "kv_cache_gib",
         "gpu_memory_utilization",
         "served_model_name",
-        "payload_ttl_seconds",
-        "max_queue_length",
-        "visibility_timeout_seconds",
-        "max_deliveries",
-        "worker_batch_max_jobs",
-        "worker_batch_max_tokens",
-        "torch_threads",
     )
 
 

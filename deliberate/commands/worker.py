@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from deliberate.commands import add_settings_flags, settings_from_args
+from deliberate.commands import (
+    MODEL_FLAGS,
+    STORE_FLAGS,
+    WORKER_FLAGS,
+    add_settings_flags,
+    settings_from_args,
+)
 
 HELP = "run a coprocessor worker (consumes the job queue, publishes latents)"
 
@@ -18,24 +24,12 @@ HELP = "run a coprocessor worker (consumes the job queue, publishes latents)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_flags(
         parser,
-        "redis_url",
-        "model",
-        "coprocessor",
-        "cache_dir",
-        "dtype",
-        "max_model_len",
-        "worker_batch_max_jobs",
-        "worker_batch_max_tokens",
-        "worker_claim_block_seconds",
+        *MODEL_FLAGS,
+        *STORE_FLAGS,
+        *WORKER_FLAGS,
         "worker_host",
         "worker_metrics_port",
         "worker_consumer",
-        "torch_threads",
-        "payload_ttl_seconds",
-        "max_queue_length",
-        "visibility_timeout_seconds",
-        "max_deliveries",
-        "max_payload_bytes",
     )
 
 
