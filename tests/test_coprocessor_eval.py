@@ -138,3 +138,24 @@ def test_read_log_keeps_the_last_record_of_a_resumed_step(tmp_path: Path) -> Non
     assert [e["step"] for e in evals] == [0, 2]
     ev.plot_learning_curves({"run": tmp_path}, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 5000
+
+
+def test_eval_and_train_flags_parse_beside_settings(tmp_path: Path) -> None:
+    """`--coprocessor` of `deliberate eval` must not collide with the Settings field of the
+    same name (the serving checkpoint), and train flags mirror TrainConfig."""
+    from coprocessor_worker.train_config import TrainConfig
+    from deliberate.cli import build_parser
+    from deliberate.commands import settings_from_args
+
+    args = build_parser().parse_args(
+        ["eval", "--coprocessor", "a", "--coprocessor", "b", "--pause", "c", "--out", "o"]
+    )
+    assert args.coprocessors == [Path("a"), Path("b")] and args.pause == [Path("c")]
+    assert settings_from_args(args).coprocessor is None
+    args = build_parser().parse_args(
+        ["train", "--out", str(tmp_path), "--method", "pause", "--n-latents", "4", "--lr", "0.01"]
+    )
+    cfg = TrainConfig(
+        **{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    )
+    assert (cfg.method, cfg.n_latents, cfg.lr, cfg.n_ahead) == ("pause", 4, 0.01, 8)

@@ -23,6 +23,7 @@ TASKS = ["arc_easy", "hellaswag", "lambada"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--coprocessor",
+        dest="coprocessors",  # not `coprocessor`: that is a Settings field (the serving one)
         type=Path,
         action="append",
         default=[],
@@ -80,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     decoder = resolve_decoder(Path(settings.model) if settings.model else None, settings.cache_dir)
-    named = [(f"pause:{p}", p) for p in args.pause] + [
-        (f"coprocessor:{p}", p) for p in args.coprocessor
-    ]
+    named: list[tuple[str, Path]] = []
+    for kind, paths in (("pause", args.pause), ("coprocessor", args.coprocessors)):
+        for p in paths:
+            named.append((kind if len(paths) == 1 else f"{kind}:{p.name}", p))
     if not named:
         raise SystemExit("give at least one --coprocessor or --pause checkpoint")
     models, tokenizer = {}, None
