@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm import SamplingParams
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
 
 from cache_store.errors import StoreError
 from cache_store.keys import validate_key
@@ -58,7 +59,7 @@ class ApiError(Exception):
 
 @dataclass
 class ServerState:
-    engine: Any  # vllm AsyncLLM; Any keeps the app importable for type checkers without vLLM
+    engine: AsyncLLM
     tokenizer: Tokenizer
     augmenter: Augmenter
     model_name: str
