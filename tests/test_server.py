@@ -27,26 +27,18 @@ DOCUMENT = (
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
 @pytest.fixture(scope="module")
-def server(redis: RedisServer, logs: Path, untrained_checkpoint: Path) -> Iterator[str]:
+def server(module_redis: RedisServer, logs: Path, untrained_checkpoint: Path) -> Iterator[str]:
     process, base = start_server(
         logs,
         "--coprocessor",
         str(untrained_checkpoint),
         "--redis-url",
-        redis.url,
+        module_redis.url,
         "--no-embedded-worker",
         "--api-keys",
         API_KEY,
@@ -60,11 +52,11 @@ def server(redis: RedisServer, logs: Path, untrained_checkpoint: Path) -> Iterat
 
 @pytest.fixture(scope="module")
 def worker(
-    redis: RedisServer, logs: Path, server: str, untrained_checkpoint: Path
+    module_redis: RedisServer, logs: Path, server: str, untrained_checkpoint: Path
 ) -> Iterator[ServiceProcess]:
     process = start_worker(
         logs,
-        redis.url,
+        module_redis.url,
         "--coprocessor",
         str(untrained_checkpoint),
         "--visibility-timeout-seconds",
@@ -243,7 +235,7 @@ def test_bad_inputs_get_clear_4xx(server: str, model: str, client: openai.OpenAI
 
 
 def test_store_outage_degrades_to_plain_and_recovers(
-    server: str, worker: ServiceProcess, redis: RedisServer, model: str
+    server: str, worker: ServiceProcess, module_redis: RedisServer, model: str
 ) -> None:
     body = {
         "model": model,
@@ -252,14 +244,14 @@ def test_store_outage_degrades_to_plain_and_recovers(
         "max_tokens": 4,
         "temperature": 0,
     }
-    redis.stop()
+    module_redis.stop()
     try:
         for _ in range(3):
             response = _completion(server, body)
             assert response.status_code == 200, response.text
             assert response.json()["augmentation"]["status"] == "store-unavailable"
     finally:
-        redis.start()
+        module_redis.start()
     # Redis came back empty (no persistence): the context is queued again, then served.
     deadline = time.monotonic() + 60
     status = None

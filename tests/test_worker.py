@@ -199,22 +199,14 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pool_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("pool-redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def pool(
-    pool_redis: RedisServer, logs: Path, coprocessor_checkpoint: Path
+    module_redis: RedisServer, logs: Path, coprocessor_checkpoint: Path
 ) -> Iterator[list[ServiceProcess]]:
     """Two workers on one consumer group, default visibility timeout (120 s): in the normal
     case nothing is ever reclaimed, so a job done twice would be a bug."""
     workers = start_workers(
         logs,
-        pool_redis.url,
+        module_redis.url,
         *(
             worker_args(coprocessor_checkpoint, "--worker-consumer", name,
                         "--worker-batch-max-jobs", "4")
@@ -227,8 +219,8 @@ def pool(
 
 
 @pytest.fixture
-async def pool_store(pool_redis: RedisServer) -> AsyncIterator[AugmentationStore]:
-    store = open_store(pool_redis.url, registry=CollectorRegistry(), op_timeout_s=5.0)
+async def pool_store(module_redis: RedisServer) -> AsyncIterator[AugmentationStore]:
+    store = open_store(module_redis.url, registry=CollectorRegistry(), op_timeout_s=5.0)
     yield store
     await store.close()
 
@@ -275,7 +267,7 @@ async def test_two_workers_share_the_group_and_do_each_job_once(
 
 async def test_poison_jobs_are_dead_lettered_with_a_reason_and_serving_goes_on(
     pool: list[ServiceProcess],
-    pool_redis: RedisServer,
+    module_redis: RedisServer,
     pool_store: AugmentationStore,
     fingerprints: Fingerprints,
 ) -> None:
@@ -287,7 +279,7 @@ async def test_poison_jobs_are_dead_lettered_with_a_reason_and_serving_goes_on(
     dead_before = len(await pool_store.dead_letters(1000))
     await enqueue_all(pool_store, poison)
     # A malformed entry can only come from outside our code: write it with redis-py directly.
-    raw = redis_sync.Redis.from_url(pool_redis.url)
+    raw = redis_sync.Redis.from_url(module_redis.url)
     try:
         raw.xadd(JOB_STREAM, {"job": b'{"v": 1, "key": "not-a-job"'})
     finally:
@@ -349,12 +341,12 @@ async def test_health_ready_and_metrics(
 
 async def test_workers_recreate_the_group_when_redis_restarts_empty(
     pool: list[ServiceProcess],
-    pool_redis: RedisServer,
+    module_redis: RedisServer,
     pool_store: AugmentationStore,
     fingerprints: Fingerprints,
 ) -> None:
-    pool_redis.stop()
-    pool_redis.start()  # same port, no persistence: stream and consumer group are gone
+    module_redis.stop()
+    module_redis.start()  # same port, no persistence: stream and consumer group are gone
     jobs = fingerprints.jobs(2, 16, seed=5)
 
     accepted = {EnqueueOutcome.ENQUEUED, EnqueueOutcome.ALREADY_PENDING}
