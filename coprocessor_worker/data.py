@@ -224,6 +224,28 @@ def pack_windows(token_docs: list[np.ndarray], window: int, separator: int) -> n
     return stream[: n * window].reshape(n, window)
 
 
+def document_windows(
+    token_docs: list[np.ndarray], window: int, min_length: int, pad: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut each document on its own into [n, window] rows (right-padded with `pad`) and
+    their lengths [n]: a row never crosses a document boundary, and every document's first
+    row starts at its first token, as a served context does. Rows shorter than `min_length`
+    are dropped."""
+    rows, lengths = [], []
+    for tokens in token_docs:
+        for start in range(0, len(tokens), window):
+            chunk = tokens[start : start + window]
+            if len(chunk) < min_length:
+                continue
+            row = np.full(window, pad, dtype=np.int64)
+            row[: len(chunk)] = chunk
+            rows.append(row)
+            lengths.append(len(chunk))
+    if not rows:
+        raise ValueError(f"no document has {min_length} tokens or more")
+    return np.stack(rows), np.asarray(lengths, dtype=np.int64)
+
+
 # --- evaluation sets -------------------------------------------------------------------------
 
 

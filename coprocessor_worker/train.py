@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,11 @@ import torch
 from coprocessor_worker.coprocessor import (
     CoprocessorModel,
     build_model,
+    check_decoder,
     load_decoder,
     load_trainable_state,
     read_checkpoint_state,
+    read_meta,
     resolve_dtype,
     save_checkpoint,
 )
@@ -38,58 +40,84 @@ from coprocessor_worker.train_config import TrainConfig
 # --- data --------------------------------------------------------------------------------
 
 
-def load_windows(
-    cfg: TrainConfig, tokenizer: Any, cache_dir: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train windows, held-out windows), each [n, window] int64, cached as .npy."""
+@dataclass(frozen=True)
+class Windows:
+    """Rows of token ids [n, window] and how many tokens of each row are text [n]."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_windows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Windows, Windows]:
+    """(train, held-out) windows, cached as .npz (no pickle)."""
     from coprocessor_worker import data
 
-    tag = f"{'corpus' if cfg.corpus else 'bundled'}-w{cfg.window}"
-    paths = {s: cache_dir / f"windows-{tag}-{s}.npy" for s in ("train", "held_out")}
-    if all(p.is_file() for p in paths.values()):
-        return tuple(np.load(paths[s], allow_pickle=False) for s in ("train", "held_out"))  # type: ignore[return-value]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for split in ("train", "held_out"):
-        if cfg.corpus:
-            docs = data.corpus_documents(cfg.corpus, split, text_field=cfg.text_field)
-        else:
-            docs = data.bundled_documents(split)
+    tag = f"{'corpus' if cfg.corpus else 'bundled'}-{cfg.windows}-w{cfg.window}"
+    paths = {s: cache_dir / f"windows-{tag}-{s}.npz" for s in ("train", "held_out")}
+    if not all(p.is_file() for p in paths.values()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        windows = data.pack_windows(data.tokenize_documents(docs, tokenizer), cfg.window, eos)
-        np.save(paths[split], windows, allow_pickle=False)
-        out.append(windows)
-    return out[0], out[1]
+        for split, path in paths.items():
+            if cfg.corpus:
+                docs = data.corpus_documents(cfg.corpus, split, text_field=cfg.text_field)
+            else:
+                docs = data.bundled_documents(split)
+            if not docs:
+                raise ValueError(
+                    f"the {split} split of the corpus is empty: documents are assigned to it "
+                    "by a hash of their text (10% held out), so give more documents"
+                )
+            tokens = data.tokenize_documents(docs, tokenizer)
+            if cfg.windows == "stream":
+                ids = data.pack_windows(tokens, cfg.window, eos)
+                lengths = np.full(len(ids), cfg.window, dtype=np.int64)
+            else:
+                # room for K distinct points, each followed by n_ahead tokens
+                shortest = cfg.min_prefix + cfg.n_ahead + cfg.positions - 1
+                ids, lengths = data.document_windows(tokens, cfg.window, shortest, eos)
+            np.savez(path, ids=ids, lengths=lengths)
+    loaded = []
+    for path in paths.values():
+        with np.load(path, allow_pickle=False) as f:
+            loaded.append(Windows(f["ids"], f["lengths"]))
+    return loaded[0], loaded[1]
 
 
-def sample_positions(rng: np.random.Generator, cfg: TrainConfig, n: int) -> np.ndarray:
-    """[n, K] sorted distinct prefix lengths in [min_prefix, window - n_ahead]."""
-    hi = cfg.window - cfg.n_ahead + 1
+def sample_positions(rng: np.random.Generator, cfg: TrainConfig, lengths: np.ndarray) -> np.ndarray:
+    """[n, K] sorted distinct prefix lengths in [min_prefix, length - n_ahead] per row."""
     rows = [
-        np.sort(rng.choice(np.arange(cfg.min_prefix, hi), cfg.positions, replace=False))
-        for _ in range(n)
+        np.sort(
+            rng.choice(np.arange(cfg.min_prefix, n - cfg.n_ahead + 1), cfg.positions, replace=False)
+        )
+        for n in lengths
     ]
     return np.stack(rows)
 
 
-def batch_for_step(cfg: TrainConfig, windows: np.ndarray, step: int, micro: int):
+def _rows(windows: Windows, idx: np.ndarray, positions: np.ndarray):
+    """The rows idx, cut after their longest text: padding costs a forward pass too."""
+    longest = int(windows.lengths[idx].max())
+    return torch.from_numpy(windows.ids[idx, :longest]), torch.from_numpy(positions)
+
+
+def batch_for_step(cfg: TrainConfig, windows: Windows, step: int, micro: int):
     """The batch of (step, micro-step): a pure function of the seed, so resume is exact."""
     rng = np.random.default_rng([cfg.seed, step, micro])
     idx = rng.choice(len(windows), cfg.batch_windows, replace=False)
-    return torch.from_numpy(windows[idx]), torch.from_numpy(sample_positions(rng, cfg, len(idx)))
+    return _rows(windows, idx, sample_positions(rng, cfg, windows.lengths[idx]))
 
 
-def held_out_batches(
-    cfg: TrainConfig, windows: np.ndarray
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def held_out_batches(cfg: TrainConfig, windows: Windows) -> list[tuple[torch.Tensor, torch.Tensor]]:
     rng = np.random.default_rng([cfg.seed, 10**9])
     idx = rng.choice(len(windows), min(cfg.eval_windows, len(windows)), replace=False)
-    positions = sample_positions(rng, cfg, len(idx))
-    out = []
-    for i in range(0, len(idx), cfg.batch_windows):
-        sl = slice(i, i + cfg.batch_windows)
-        out.append((torch.from_numpy(windows[idx[sl]]), torch.from_numpy(positions[sl])))
-    return out
+    positions = sample_positions(rng, cfg, windows.lengths[idx])
+    return [
+        _rows(windows, idx[i : i + cfg.batch_windows], positions[i : i + cfg.batch_windows])
+        for i in range(0, len(idx), cfg.batch_windows)
+    ]
 
 
 @torch.no_grad()
@@ -101,6 +129,29 @@ def held_out_nll(model: CoprocessorModel, batches, n_ahead: int) -> tuple[np.nda
         nll.append(a.reshape(-1, n_ahead))
         base.append(b.reshape(-1, n_ahead))
     return torch.cat(nll).mean(0).numpy(), torch.cat(base).mean(0).numpy()
+
+
+def start_from(model: CoprocessorModel, checkpoint: Path, decoder_dir: Path) -> None:
+    """Warm start: every trained tensor of a checkpoint of the same method and shape, or only
+    the latent base of a pause-token checkpoint (a coprocessor starting as trained pauses)."""
+    meta = read_meta(checkpoint)
+    check_decoder(meta, decoder_dir, checkpoint)
+    state = read_checkpoint_state(checkpoint)
+    if meta["method"] == model.config.method:
+        if meta["n_latents"] != model.config.n_latents:
+            raise ValueError(
+                f"{checkpoint} has {meta['n_latents']} latents, this run "
+                f"{model.config.n_latents}: pass --n-latents {meta['n_latents']}"
+            )
+        load_trainable_state(model, state)
+    elif meta["method"] == "pause":
+        with torch.no_grad():
+            model.base.copy_(state["base"])
+    else:
+        raise ValueError(
+            f"cannot start a {model.config.method} run from a {meta['method']} checkpoint "
+            f"({checkpoint}); use one of the same method, or a pause-token checkpoint"
+        )
 
 
 # --- optimizer state as safetensors ------------------------------------------------------
@@ -171,8 +222,7 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
     decoder_fp = decoder_fingerprint(decoder_dir)
     model = build_model(decoder, tokenizer, cfg.coprocessor_config(), compute)
     if cfg.init_from:
-        with torch.no_grad():
-            model.base.copy_(read_checkpoint_state(Path(cfg.init_from))["base"])
+        start_from(model, Path(cfg.init_from), decoder_dir)
     groups = model.trainable_parameters()
     lrs = {"lora": cfg.lr, "embed": cfg.lr_embed, "proj": cfg.lr_proj}
     opt = torch.optim.AdamW(
@@ -196,27 +246,18 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log = (out / "log.jsonl").open("a")
     n_trainable = sum(p.numel() for p in params)
-    tokens_per_step = (
-        cfg.grad_accum
-        * cfg.batch_windows
-        * (
-            cfg.window
-            + cfg.positions
-            * (cfg.n_latents * (cfg.method != "pause") + cfg.n_latents + cfg.n_ahead - 1)
-        )
-    )
+    # tokens through the three passes per augmentation point: the coprocessor's soft tokens,
+    # then the latents and the ahead tokens fed back through the decoder
+    group_tokens = cfg.n_latents * (cfg.method != "pause") + cfg.n_latents + cfg.n_ahead - 1
     print(
         f"{cfg.method}: {n_trainable / 1e6:.2f}M trainable; {len(train_w)} train windows, "
-        f"{len(held_w)} held-out; {tokens_per_step} tokens through the passes per step"
+        f"{len(held_w)} held-out ({cfg.windows}); {group_tokens} tokens per point"
     )
 
-    base_nll: np.ndarray | None = None
-
     def evaluate(at_step: int) -> float:
-        nonlocal base_nll, best
+        nonlocal best
         t0 = time.time()
         nll, base = held_out_nll(model, eval_batches, cfg.n_ahead)
-        base_nll = base
         mean = float(nll.mean())
         rel = {
             str(j): float(math.exp(nll[j - 1] - base[j - 1]) - 1)
@@ -264,13 +305,14 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
         factor = lr_factor(cfg, step)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * factor
-        total = 0.0
+        total, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
             ids, pos = batch_for_step(cfg, train_w, step, micro)
+            tokens += ids.numel() + pos.numel() * group_tokens
             nll, base = model.packed_nll(ids, pos, cfg.n_ahead)
             loss = nll.mean() / cfg.grad_accum
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -284,11 +326,9 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
             "lr": base_lrs[0] * factor,
             "grad_norm": round(grad_norm, 4),
             "seconds": round(dt, 3),
-            "tokens_per_s": round(tokens_per_step / dt, 1),
+            "tokens_per_s": round(tokens / dt, 1),
             "ahead_tokens_per_s": round(
-                tokens_per_step
-                and cfg.grad_accum * cfg.batch_windows * cfg.positions * cfg.n_ahead / dt,
-                1,
+                cfg.grad_accum * cfg.batch_windows * cfg.positions * cfg.n_ahead / dt, 1
             ),
             "time": time.time(),
         }
@@ -298,10 +338,17 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
         bar.set_postfix(
             loss=f"{total:.3f}",
             plain=f"{float(base.mean()):.3f}",
-            tok_s=f"{tokens_per_step / dt:.0f}",
+            tok_s=f"{tokens / dt:.0f}",
         )
         if step % cfg.eval_every == 0 or step == cfg.steps:
             evaluate(step)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            save_checkpoint(
+                model,
+                out / f"step-{step}",
+                decoder_fingerprint=decoder_fp,
+                training={"config": asdict(cfg), "step": step},
+            )
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_run_state(
                 out,

@@ -15,8 +15,12 @@ class TrainConfig:
 
     method: Literal["lora", "full", "pause"] = "lora"
     n_latents: int = 8
-    n_ahead: int = 8
+    n_ahead: int = 16  # the quality gate reads ahead positions 8 and 16
     window: int = 256
+    # documents: each row is cut from one document, its first row starting at the document's
+    # first token, as a served context does; stream: documents joined with EOS (most rows then
+    # hold the ends of unrelated documents in the prefix)
+    windows: Literal["documents", "stream"] = "documents"
     positions: int = 12  # K augmentation positions per window
     min_prefix: int = 32
     batch_windows: int = 2
@@ -34,7 +38,9 @@ class TrainConfig:
     output: Literal["residual", "direct"] = "residual"
     hidden_source: Literal["final_norm", "pre_norm"] = "final_norm"
     init_text: str = ","  # measured: the least harmful start of 7 tried (docs/coprocessor.md)
-    init_from: str = ""  # a checkpoint whose latent base (pause embeddings) starts this run
+    # a checkpoint to start from: all its trained tensors if its method is this run's,
+    # only its latent base if it is a pause-token checkpoint starting a coprocessor
+    init_from: str = ""
     seed: int = 0
     # auto: bf16 only on CUDA or CPUs with AVX512-BF16/AMX; on AVX2-only CPUs bf16 matmuls
     # are emulated and many times slower than fp32 (measured on this project's machine).
@@ -43,6 +49,7 @@ class TrainConfig:
     eval_every: int = 40
     eval_windows: int = 32
     save_every: int = 10
+    snapshot_every: int = 0  # also keep RUN/step-N/ every this many steps (0: never)
     corpus: list[str] = field(default_factory=list)  # .txt/.jsonl paths; empty = bundled prose
     text_field: str = "text"
 

@@ -158,4 +158,4 @@ def test_eval_and_train_flags_parse_beside_settings(tmp_path: Path) -> None:
     cfg = TrainConfig(
         **{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     )
-    assert (cfg.method, cfg.n_latents, cfg.lr, cfg.n_ahead) == ("pause", 4, 0.01, 8)
+    assert (cfg.method, cfg.n_latents, cfg.lr, cfg.n_ahead) == ("pause", 4, 0.01, 16)

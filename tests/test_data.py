@@ -70,6 +70,16 @@ def test_pack_windows() -> None:
     assert w.tolist() == [[5, 6, 7], [0, 8, 9]]
 
 
+def test_document_windows_never_cross_a_document() -> None:
+    docs = [np.array([1, 2, 3, 4, 5]), np.array([6]), np.array([7, 8])]
+    rows, lengths = data.document_windows(docs, window=3, min_length=2, pad=0)
+    # [4, 5] is the second row of the first document; [6] is too short; [7, 8] is padded.
+    assert rows.tolist() == [[1, 2, 3], [4, 5, 0], [7, 8, 0]]
+    assert lengths.tolist() == [3, 2, 2]
+    with pytest.raises(ValueError, match="no document"):
+        data.document_windows([np.array([1])], window=3, min_length=2, pad=0)
+
+
 @pytest.mark.parametrize("name", sorted(data.MULTIPLE_CHOICE_SETS))
 def test_multiple_choice_sets_are_well_formed(name: str) -> None:
     items = data.MULTIPLE_CHOICE_SETS[name]()
