@@ -15,6 +15,7 @@ from coprocessor_worker import data
 from coprocessor_worker.coprocessor import read_checkpoint_state
 from coprocessor_worker.train import train
 from coprocessor_worker.train_config import TrainConfig
+from deliberate.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,13 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_llama: Path, corpus: Path,
     # training moved the tensors away from their start
     with pytest.raises(AssertionError):
         _assert_same_state(straight / "step-1", straight / "step-4")
+
+    # the runs' held-out curves, through the CLI
+    plots = tmp_path / "plots"
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--curves", str(straight), str(resumed), "--out", str(plots)])
+    assert exit_.value.code == 0
+    assert (plots / "curves.png").stat().st_size > 5000
 
 
 def test_warm_start_from_a_checkpoint(tiny_llama: Path, corpus: Path, tmp_path: Path) -> None:

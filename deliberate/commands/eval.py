@@ -3,6 +3,7 @@
   deliberate eval --coprocessor RUN/best --pause PAUSE_RUN/best --out results/
   deliberate eval --coprocessor CKPT --record      # also write the table and quality gate
                                                    # into CKPT/deliberate.json
+  deliberate eval --curves RUN1 RUN2 --out plots/  # held-out curves of training runs
 
 Held-out perplexity change at ahead positions 1, 2, 4, 8, 16 (paired bootstrap CIs over
 documents), log-likelihood accuracy on ARC-Easy, HellaSwag and LAMBADA with latents inserted
@@ -56,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="held-out text from a user's corpus instead of the bundled prose",
     )
+    parser.add_argument(
+        "--curves",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="RUN",
+        help="training run folders: plot their held-out curves into OUT/curves.png",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--dtype",
@@ -75,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from coprocessor_worker.coprocessor import load_model, resolve_dtype
-    from coprocessor_worker.evaluate import EvalConfig, evaluate, record_in_checkpoint
+    from coprocessor_worker.evaluate import (
+        EvalConfig,
+        evaluate,
+        plot_learning_curves,
+        record_in_checkpoint,
+    )
     from deliberate.models import resolve_decoder
 
     torch.set_num_threads(args.threads)
@@ -85,8 +99,14 @@ def run(args: argparse.Namespace) -> int:
     for kind, paths in (("pause", args.pause), ("coprocessor", args.coprocessors)):
         for p in paths:
             named.append((kind if len(paths) == 1 else f"{kind}:{p.name}", p))
+    if args.curves:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_learning_curves({run.name: run for run in args.curves}, args.out / "curves.png")
+        print(f"learning curves: {args.out / 'curves.png'}")
+        if not named:
+            return 0
     if not named:
-        raise SystemExit("give at least one --coprocessor or --pause checkpoint")
+        raise SystemExit("give at least one --coprocessor or --pause checkpoint (or --curves)")
     models, tokenizer = {}, None
     for name, path in named:
         # Separate decoder copies: LoRA is injected into its decoder in place.
