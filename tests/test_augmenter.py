@@ -1,8 +1,9 @@
 """The request-side decisions of `Augmenter.plan`, on the in-memory store and the bundled
-checkpoint's real manifest (its recorded evaluation fails the quality gate)."""
+checkpoint's real manifest, with its recorded quality gate set either way."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -17,13 +18,16 @@ from server.embeddings import EmbeddingTable
 from server.metrics import ServerMetrics
 
 
-def _augmenter(bundled_decoder: Path, *, allow_unvalidated: bool) -> Augmenter:
+def _augmenter(
+    bundled_decoder: Path, *, allow_unvalidated: bool, gate_passed: bool = False
+) -> Augmenter:
     registry = CollectorRegistry()
+    info = CheckpointInfo.read(bundled_checkpoint_dir())
     return Augmenter(
         store=open_store(None, registry=registry),
         embeddings=EmbeddingTable.load(bundled_decoder, torch.float32),
         decoder_fp=decoder_fingerprint(bundled_decoder),
-        coprocessor=CheckpointInfo.read(bundled_checkpoint_dir()),
+        coprocessor=dataclasses.replace(info, gate_passed=gate_passed),
         default_tenant="t",
         min_context_tokens=8,
         lookup_timeout_s=1.0,
@@ -33,9 +37,9 @@ def _augmenter(bundled_decoder: Path, *, allow_unvalidated: bool) -> Augmenter:
     )
 
 
-async def test_gate_failed_checkpoint_is_skipped_unless_overridden(bundled_decoder: Path) -> None:
-    info = CheckpointInfo.read(bundled_checkpoint_dir())
-    assert info.gate_passed is False  # the committed evaluation: harmful at positions 8, 16
+async def test_a_failed_gate_skips_latents_unless_overridden_a_passed_one_applies(
+    bundled_decoder: Path,
+) -> None:
     context, rest = list(range(100, 140)), [5, 6, 7]
 
     gated = _augmenter(bundled_decoder, allow_unvalidated=False)
@@ -44,10 +48,13 @@ async def test_gate_failed_checkpoint_is_skipped_unless_overridden(bundled_decod
     assert plan.prompt == {"prompt_token_ids": context + rest}
     assert (await gated.store.queue_stats()).length == 0  # no worker time spent on it
 
-    overridden = _augmenter(bundled_decoder, allow_unvalidated=True)
-    plan = await overridden.plan(context, rest, tenant=None, augment=True, wait_s=0)
-    assert plan.status is AugmentationStatus.MISS_ENQUEUED
-    assert (await overridden.store.queue_stats()).length == 1
+    for overridden in (
+        _augmenter(bundled_decoder, allow_unvalidated=True),
+        _augmenter(bundled_decoder, allow_unvalidated=False, gate_passed=True),
+    ):
+        plan = await overridden.plan(context, rest, tenant=None, augment=True, wait_s=0)
+        assert plan.status is AugmentationStatus.MISS_ENQUEUED
+        assert (await overridden.store.queue_stats()).length == 1
 
 
 async def test_short_disabled_and_absent_contexts_stay_plain(bundled_decoder: Path) -> None:
