@@ -25,6 +25,7 @@ VARIANTS: dict[str, list[str]] = {
     "N_L 16": ["--n-latents", "16"],
     "output direct (no base)": ["--output", "direct"],
     "states before the final norm": ["--hidden-source", "pre_norm"],
+    "pause tokens (no coprocessor)": ["--method", "pause"],
 }
 
 
