@@ -324,8 +324,9 @@ def test_prewarm_api_and_enqueue_cli(
 
 def test_embedded_default_serves_and_augments(logs: Path) -> None:
     """`deliberate serve` as the README runs it: bundled decoder and coprocessor, in-memory
-    store and a worker in the process."""
-    process, base = start_server(logs, "--allow-unvalidated-coprocessor")
+    store and a worker in the process. No override: the bundled checkpoint's recorded
+    evaluation passes the quality gate, so its latents are applied by default."""
+    process, base = start_server(logs)
     try:
         model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
         body = {
