@@ -55,7 +55,11 @@ def load_windows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Win
     """(train, held-out) windows, cached as .npz (no pickle)."""
     from coprocessor_worker import data
 
+    # a document row needs room for K distinct points, each followed by n_ahead tokens
+    shortest = cfg.min_prefix + cfg.n_ahead + cfg.positions - 1
     tag = f"{'corpus' if cfg.corpus else 'bundled'}-{cfg.windows}-w{cfg.window}"
+    if cfg.windows == "documents":
+        tag += f"-min{shortest}"  # rows were filtered for this K and N_A
     paths = {s: cache_dir / f"windows-{tag}-{s}.npz" for s in ("train", "held_out")}
     if not all(p.is_file() for p in paths.values()):
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -75,8 +79,6 @@ def load_windows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Win
                 ids = data.pack_windows(tokens, cfg.window, eos)
                 lengths = np.full(len(ids), cfg.window, dtype=np.int64)
             else:
-                # room for K distinct points, each followed by n_ahead tokens
-                shortest = cfg.min_prefix + cfg.n_ahead + cfg.positions - 1
                 ids, lengths = data.document_windows(tokens, cfg.window, shortest, eos)
             np.savez(path, ids=ids, lengths=lengths)
     loaded = []
