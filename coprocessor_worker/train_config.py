@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 if TYPE_CHECKING:
     from coprocessor_worker.coprocessor import CoprocessorConfig
@@ -13,45 +13,63 @@ if TYPE_CHECKING:
 class TrainConfig:
     """Hyper-parameters; each field is a `deliberate train` flag of the same name."""
 
-    method: Literal["lora", "full", "pause"] = "lora"
-    n_latents: int = 8
-    n_ahead: int = 16  # the quality gate reads ahead positions 8 and 16
-    window: int = 256
-    # documents: each row is cut from one document, its first row starting at the document's
-    # first token, as a served context does; stream: documents joined with EOS (most rows then
-    # hold the ends of unrelated documents in the prefix)
-    windows: Literal["documents", "stream"] = "documents"
-    positions: int = 12  # K augmentation positions per window
-    min_prefix: int = 32
-    batch_windows: int = 2
-    grad_accum: int = 1
-    steps: int = 3000
-    lr: float = 1e-3  # LoRA (or full copy)
-    lr_embed: float = 3e-3  # soft tokens and latent base
-    lr_proj: float = 3e-3
-    warmup: int = 20
-    min_lr_ratio: float = 0.3
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    output: Literal["residual", "direct"] = "residual"
-    hidden_source: Literal["final_norm", "pre_norm"] = "final_norm"
-    init_text: str = ","  # measured: the least harmful start of 7 tried (docs/coprocessor.md)
-    # a checkpoint to start from: all its trained tensors if its method is this run's,
-    # only its latent base if it is a pause-token checkpoint starting a coprocessor
-    init_from: str = ""
-    seed: int = 0
-    # auto: bf16 only on CUDA or CPUs with AVX512-BF16/AMX; on AVX2-only CPUs bf16 matmuls
-    # are emulated and many times slower than fp32 (measured on this project's machine).
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    threads: int = 1  # on a shared 2-core box, 2 OpenMP threads spin and run ~5x slower
-    eval_every: int = 40
-    eval_windows: int = 32
-    save_every: int = 10
-    snapshot_every: int = 0  # also keep RUN/step-N/ every this many steps (0: never)
-    corpus: list[str] = field(default_factory=list)  # .txt/.jsonl paths; empty = bundled prose
-    text_field: str = "text"
+    method: Annotated[
+        Literal["lora", "full", "pause"],
+        "LoRA adapters on the decoder, a full trainable copy, or pause tokens (the baseline)",
+    ] = "lora"
+    n_latents: Annotated[int, "latent embeddings per prefix (N_L)"] = 8
+    n_ahead: Annotated[int, "tokens after each point in the loss (N_A); the gate reads 8, 16"] = 16
+    window: Annotated[int, "tokens per training row"] = 256
+    windows: Annotated[
+        Literal["documents", "stream"],
+        "documents: rows cut from one document each, the first at its first token, as a "
+        "served context; stream: documents joined with EOS (rows then mix documents)",
+    ] = "documents"
+    positions: Annotated[int, "augmentation points per row (K)"] = 12
+    min_prefix: Annotated[int, "shortest prefix before a point"] = 32
+    batch_windows: Annotated[int, "rows per micro-batch"] = 2
+    grad_accum: Annotated[int, "micro-batches per optimizer step"] = 1
+    steps: Annotated[int, "optimizer steps (the cosine schedule's horizon)"] = 3000
+    lr: Annotated[float, "learning rate of the LoRA adapters (or the full copy)"] = 1e-3
+    lr_embed: Annotated[float, "learning rate of the soft tokens and latent base"] = 3e-3
+    lr_proj: Annotated[float, "learning rate of the output projection"] = 3e-3
+    warmup: Annotated[int, "linear warm-up steps"] = 20
+    min_lr_ratio: Annotated[float, "final learning rate as a fraction of the peak"] = 0.3
+    weight_decay: Annotated[float, "AdamW weight decay"] = 0.0
+    clip: Annotated[float, "gradient-norm clipping"] = 1.0
+    lora_rank: Annotated[int, "LoRA rank"] = 16
+    lora_alpha: Annotated[float, "LoRA alpha"] = 32.0
+    output: Annotated[
+        Literal["residual", "direct"],
+        "residual: latents = base + projected states (step 0 = pause tokens); direct: W h",
+    ] = "residual"
+    hidden_source: Annotated[
+        Literal["final_norm", "pre_norm"], "coprocessor states after or before the final norm"
+    ] = "final_norm"
+    init_text: Annotated[
+        str, "text whose embedding starts the latents (measured least harmful of 7)"
+    ] = ","
+    init_from: Annotated[
+        str,
+        "checkpoint to start from: all its trained tensors if of this method, only its latent "
+        "base if a pause-token checkpoint",
+    ] = ""
+    seed: Annotated[int, "seed of the initialisation and of every batch"] = 0
+    # bf16 matmuls are emulated on AVX2-only CPUs, many times slower than fp32 (measured)
+    dtype: Annotated[
+        Literal["auto", "bfloat16", "float32"],
+        "compute dtype; auto = bf16 only on CUDA or CPUs with AVX512-BF16/AMX",
+    ] = "auto"
+    # on a shared 2-core box, 2 OpenMP threads spin and run ~5x slower (measured)
+    threads: Annotated[int, "torch CPU threads"] = 1
+    eval_every: Annotated[int, "steps between held-out evaluations"] = 40
+    eval_windows: Annotated[int, "held-out rows per evaluation"] = 32
+    save_every: Annotated[int, "steps between resumable saves to RUN/last"] = 10
+    snapshot_every: Annotated[int, "also keep RUN/step-N/ every this many steps (0: never)"] = 0
+    corpus: Annotated[list[str], ".txt/.jsonl files or folders; none: the bundled prose"] = field(
+        default_factory=list
+    )
+    text_field: Annotated[str, "the text field of .jsonl rows"] = "text"
 
     def coprocessor_config(self) -> CoprocessorConfig:
         from coprocessor_worker.coprocessor import CoprocessorConfig

@@ -23,27 +23,29 @@ HELP = "train a coprocessor or pause-token baseline (packed, resumable)"
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One flag per dataclass field (`--n-latents`, ...), defaulting to the field's default."""
+    """One flag per dataclass field (`--n-latents`, ...), defaulting to the field's default,
+    with the help text of its `Annotated` type."""
     group = parser.add_argument_group("training hyper-parameters")
-    hints = typing.get_type_hints(config_cls)
+    hints = typing.get_type_hints(config_cls, include_extras=True)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
+        hint, about = hints[f.name], ""
+        if typing.get_origin(hint) is typing.Annotated:
+            hint, about = typing.get_args(hint)[:2]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if typing.get_origin(hint) is typing.Literal:
             group.add_argument(
-                flag, choices=typing.get_args(hint), default=default, help=f"(default: {default})"
+                flag,
+                choices=typing.get_args(hint),
+                default=default,
+                help=f"{about} (default: {default})",
             )
         elif typing.get_origin(hint) is list:
-            group.add_argument(
-                flag,
-                nargs="+",
-                default=default,
-                metavar="PATH",
-                help="paths (default: the bundled prose)",
-            )
+            group.add_argument(flag, nargs="+", default=default, metavar="PATH", help=about)
         else:
-            group.add_argument(flag, type=hint, default=default, help=f"(default: {default!r})")
+            group.add_argument(
+                flag, type=hint, default=default, help=f"{about} (default: {default!r})"
+            )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
