@@ -550,10 +550,14 @@ def read_checkpoint_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_decoder(meta: dict[str, Any], decoder_dir: Path, checkpoint_dir: Path) -> str:
+def check_decoder(
+    meta: dict[str, Any], decoder_dir: Path, checkpoint_dir: Path, *, actual: str | None = None
+) -> str:
+    """The decoder's fingerprint (`actual` if the caller already hashed it), refusing a
+    checkpoint trained for another decoder."""
     from cache_store.fingerprint import decoder_fingerprint
 
-    actual = decoder_fingerprint(decoder_dir)
+    actual = actual or decoder_fingerprint(decoder_dir)
     if meta["decoder_fingerprint"] != actual:
         raise CheckpointMismatch(
             f"coprocessor checkpoint {checkpoint_dir} was trained for decoder "

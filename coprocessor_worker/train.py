@@ -133,11 +133,13 @@ def held_out_nll(model: CoprocessorModel, batches, n_ahead: int) -> tuple[np.nda
     return torch.cat(nll).mean(0).numpy(), torch.cat(base).mean(0).numpy()
 
 
-def start_from(model: CoprocessorModel, checkpoint: Path, decoder_dir: Path) -> None:
+def start_from(
+    model: CoprocessorModel, checkpoint: Path, decoder_dir: Path, decoder_fp: str
+) -> None:
     """Warm start: every trained tensor of a checkpoint of the same method and shape, or only
     the latent base of a pause-token checkpoint (a coprocessor starting as trained pauses)."""
     meta = read_meta(checkpoint)
-    check_decoder(meta, decoder_dir, checkpoint)
+    check_decoder(meta, decoder_dir, checkpoint, actual=decoder_fp)
     state = read_checkpoint_state(checkpoint)
     if meta["method"] == model.config.method:
         if meta["n_latents"] != model.config.n_latents:
@@ -224,7 +226,7 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
     decoder_fp = decoder_fingerprint(decoder_dir)
     model = build_model(decoder, tokenizer, cfg.coprocessor_config(), compute)
     if cfg.init_from:
-        start_from(model, Path(cfg.init_from), decoder_dir)
+        start_from(model, Path(cfg.init_from), decoder_dir, decoder_fp)
     groups = model.trainable_parameters()
     lrs = {"lora": cfg.lr, "embed": cfg.lr_embed, "proj": cfg.lr_proj}
     opt = torch.optim.AdamW(
