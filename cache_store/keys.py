@@ -90,3 +90,11 @@ def state_key(key: str) -> str:
 
 def claim_key(key: str) -> str:
     return _tagged(key, "claim")
+
+
+def value_key(coprocessor_fp: str, tenant: str | None) -> str:
+    """The running value-check estimate of one coprocessor, for one tenant or (None) for all.
+    The tenant is hashed: it is client-influenced text and must not shape Redis key names."""
+    scope = "all" if tenant is None else hashlib.sha256(tenant.encode()).hexdigest()[:32]
+    fp = hashlib.sha256(coprocessor_fp.encode()).hexdigest()[:32]
+    return f"{KEY_NAMESPACE}:value:{fp}:{scope}"

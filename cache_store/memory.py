@@ -29,6 +29,7 @@ from cache_store.types import (
     QueueStats,
     StoreConfig,
 )
+from cache_store.value import ValueEstimate, ValueFigure
 
 V = TypeVar("V")
 
@@ -90,16 +91,18 @@ class _Stored:
     data: bytes
     attempts: int
     updated_at: float
+    value: ValueFigure | None = None
 
 
 @dataclass(slots=True)
 class _Record:
-    """State of a key that is pending (claimed by a worker) or failed."""
+    """State of a key that is pending (claimed by a worker), failed or declined."""
 
     state: KeyState
     reason: str | None
     attempts: int
     updated_at: float
+    value: ValueFigure | None = None
 
 
 @dataclass(slots=True)
@@ -130,6 +133,7 @@ class MemoryStore(AugmentationStore):
         self._dead: deque[DeadLetter] = deque(maxlen=config.max_dead_letters)
         self._last_id = (0, 0)
         self._jobs_available = asyncio.Event()
+        self._values: dict[str, ValueEstimate] = {}
 
     # ------------------------------------------------------------------ payloads and states
 
@@ -147,10 +151,14 @@ class MemoryStore(AugmentationStore):
         now = time.monotonic()
         stored = self._payloads.get(key, now)
         if stored is not None:
-            return KeyStatus(KeyState.READY, None, stored.attempts, stored.updated_at)
+            return KeyStatus(
+                KeyState.READY, None, stored.attempts, stored.updated_at, stored.value
+            )
         record = self._records.get(key, now)
-        if record is not None and record.state is KeyState.FAILED:
-            return KeyStatus(KeyState.FAILED, record.reason, record.attempts, record.updated_at)
+        if record is not None and record.state in (KeyState.FAILED, KeyState.DECLINED):
+            return KeyStatus(
+                record.state, record.reason, record.attempts, record.updated_at, record.value
+            )
         if self._claims.get(key, now) is not None:
             attempts = record.attempts if record is not None else 0
             updated = record.updated_at if record is not None else None
@@ -191,6 +199,8 @@ class MemoryStore(AugmentationStore):
             return EnqueueOutcome.ALREADY_READY
         if status.state is KeyState.FAILED:
             return EnqueueOutcome.FAILED
+        if status.state is KeyState.DECLINED:
+            return EnqueueOutcome.DECLINED
         if status.state is KeyState.PENDING:
             return EnqueueOutcome.ALREADY_PENDING
         if len(self._entries) >= self.config.max_queue_length:
@@ -264,13 +274,33 @@ class MemoryStore(AugmentationStore):
         self._in_hand.pop(stream_id, None)
         # An undelivered id left in the deque is skipped by _take once its entry is gone.
 
-    async def _publish(self, delivery: Delivery, payload_bytes: bytes) -> None:
+    async def _publish(
+        self, delivery: Delivery, payload_bytes: bytes, value: ValueFigure | None
+    ) -> None:
         key = delivery.job.key
-        self._write_payload(key, _Stored(payload_bytes, delivery.deliveries, time.time()))
+        stored = _Stored(payload_bytes, delivery.deliveries, time.time(), value)
+        self._write_payload(key, stored)
         self._records.pop(key)
         self._claims.pop(key)
         self._remove_entry(delivery.stream_id)
         self._notify(key)
+
+    async def _decline(self, delivery: Delivery, reason: str, value: ValueFigure) -> None:
+        key = delivery.job.key
+        self._records.set(
+            key,
+            _Record(KeyState.DECLINED, reason, delivery.deliveries, time.time(), value),
+            time.monotonic() + self.config.declined_ttl_s,
+        )
+        self._claims.pop(key)
+        self._remove_entry(delivery.stream_id)
+        self._notify(key)
+
+    async def _add_value(self, key: str, delta: float) -> None:
+        self._values[key] = self._values.get(key, ValueEstimate()).add(delta)
+
+    async def _read_value(self, key: str) -> ValueEstimate:
+        return self._values.get(key, ValueEstimate())
 
     def _dead_letter_now(self, delivery: Delivery, reason: str) -> None:
         key = delivery.job.key

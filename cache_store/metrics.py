@@ -74,6 +74,12 @@ class StoreMetrics:
             "Payloads published by workers",
             registry=registry,
         )
+        self.declined = Counter(
+            "deliberate_store_declined_total",
+            "Jobs finished without a payload because the value check found their latents "
+            "confidently harmful (key marked declined)",
+            registry=registry,
+        )
         self.payload_bytes = Histogram(
             "deliberate_store_payload_bytes",
             "Size of published payloads",

@@ -27,6 +27,7 @@ from safetensors.torch import save as st_save
 from cache_store.errors import PayloadRejected
 from cache_store.keys import FORMAT_VERSION, validate_key
 from cache_store.types import Job
+from cache_store.value import ValueFigure
 
 FORMAT_NAME = "deliberate-latents"
 TENSOR_NAME = "latents"
@@ -99,6 +100,8 @@ class Payload:
     format_version: int
     nbytes: int
     """Size of the encoded payload."""
+    value: ValueFigure | None = None
+    """The worker's value-check figure of these latents, if it measured one."""
 
 
 # Exponent bits of each float format: a value is NaN or Inf exactly when they are all set.
@@ -131,8 +134,10 @@ def encode_payload(
     prefix_len: int,
     dtype: torch.dtype = torch.bfloat16,
     created_at: float | None = None,
+    value: ValueFigure | None = None,
 ) -> bytes:
-    """Serialize latents [n_latents, hidden] (cast to `dtype`, bf16 by default)."""
+    """Serialize latents [n_latents, hidden] (cast to `dtype`, bf16 by default), with the
+    value check's figure of them when the worker measured one."""
     validate_key(key)
     if latents.dim() != 2 or latents.shape[0] == 0 or latents.shape[1] == 0:
         raise ValueError(f"latents must have shape [n_latents, hidden], got {tuple(latents.shape)}")
@@ -156,7 +161,29 @@ def encode_payload(
         "created_at": repr(time.time() if created_at is None else created_at),
         "sha256": hashlib.sha256(_tensor_bytes(tensor)).hexdigest(),
     }
+    if value is not None:
+        metadata |= {
+            "value_delta": repr(value.delta),
+            "value_std_error": repr(value.std_error),
+            "value_tokens": str(value.tokens),
+        }
     return st_save({TENSOR_NAME: tensor}, metadata=metadata)
+
+
+def _read_value(meta: dict[str, str]) -> ValueFigure | None:
+    if "value_delta" not in meta:
+        return None
+    try:
+        figure = ValueFigure(
+            float(_require(meta, "value_delta")),
+            float(_require(meta, "value_std_error")),
+            _require_int(meta, "value_tokens"),
+        )
+    except ValueError as exc:
+        raise PayloadRejected(FORMAT, "metadata field 'value_*' is not a number") from exc
+    if not (np.isfinite(figure.delta) and np.isfinite(figure.std_error)):
+        raise PayloadRejected(FORMAT, "the value-check figure is not finite")
+    return figure
 
 
 def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
@@ -268,4 +295,5 @@ def decode_payload(data: bytes, *, expected: PayloadExpectation) -> Payload:
         sha256=digest,
         format_version=FORMAT_VERSION,
         nbytes=len(data),
+        value=_read_value(meta),
     )

@@ -3,10 +3,12 @@
 Per prefix key `k` (one hash tag, so one Cluster slot):
   deliberate:{k}:payload  the safetensors bytes, PX payload_ttl
   deliberate:{k}:claim    the dedup claim taken by enqueue (SET NX PX pending_ttl)
-  deliberate:{k}:state    hash: state (pending|ready|failed), reason, attempts, updated_at
+  deliberate:{k}:state    hash: state (pending|ready|failed|declined), reason, attempts,
+                          updated_at, value_delta/value_std_error/value_tokens (value check)
 Shared: the stream `deliberate:jobs` read by the group `deliberate-workers`, the dead-letter
-stream `deliberate:jobs:dead`, and the pub/sub channel `deliberate:events` that wakes
-waiters when a key becomes ready or failed.
+stream `deliberate:jobs:dead`, the pub/sub channel `deliberate:events` that wakes
+waiters when a key becomes ready, failed or declined, and the value-check estimates
+`deliberate:value:<coprocessor>:<tenant hash | all>` (hashes of n, total, total_sq).
 
 Every Lua script touches the keys of one slot only (either one prefix's keys or the job
 stream), so the same code runs on a single Redis, behind Sentinel and on a Cluster.
@@ -52,6 +54,7 @@ from cache_store.types import (
     QueueStats,
     StoreConfig,
 )
+from cache_store.value import ValueEstimate, ValueFigure
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,8 @@ RedisClient = aioredis.Redis | aioredis.RedisCluster
 # Redis, so client clock skew cannot make fresh claims look stale.
 _ENQUEUE_CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'ready' end
-if redis.call('HGET', KEYS[2], 'state') == 'failed' then return 'failed' end
+local state = redis.call('HGET', KEYS[2], 'state')
+if state == 'failed' or state == 'declined' then return state end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local value = 't:' .. ARGV[1] .. ':' .. now
@@ -118,22 +122,26 @@ if v and redis.sha1hex(v) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS: payload, state, claim. ARGV: payload, ttl ms, attempts, now.
+# KEYS: payload, state, claim. ARGV: payload, ttl ms, attempts, now, then the value-check
+# figure's fields as name, value pairs (none if it was not measured).
 _PUBLISH = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'state', 'ready', 'attempts', ARGV[3], 'updated_at', ARGV[4])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
 return 1
 """
 
-# KEYS: state, claim. ARGV: reason, attempts, ttl ms, now.
-_MARK_FAILED = """
+# KEYS: state, claim. ARGV: state (failed|declined), reason, attempts, ttl ms, now, then the
+# value-check figure's fields as name, value pairs.
+_MARK_FINISHED = """
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[1], 'attempts', ARGV[2],
-           'updated_at', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'reason', ARGV[2], 'attempts', ARGV[3],
+           'updated_at', ARGV[5])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('DEL', KEYS[2])
 return 1
 """
@@ -141,7 +149,7 @@ return 1
 # KEYS: state. ARGV: attempts, now, ttl ms. A stale redelivery must not hide a result.
 _MARK_PENDING = """
 local s = redis.call('HGET', KEYS[1], 'state')
-if s == 'ready' or s == 'failed' then return 0 end
+if s == 'ready' or s == 'failed' or s == 'declined' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'pending', 'attempts', ARGV[1], 'updated_at', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -225,7 +233,7 @@ class RedisStore(AugmentationStore):
                 "status": _STATUS,
                 "discard": _DISCARD,
                 "publish": _PUBLISH,
-                "mark_failed": _MARK_FAILED,
+                "mark_finished": _MARK_FINISHED,
                 "mark_pending": _MARK_PENDING,
                 "unclaim": _UNCLAIM,
                 "ack": _ACK,
@@ -273,10 +281,13 @@ class RedisStore(AugmentationStore):
         state = {_text(k): _text(v) for k, v in _fields(raw_state).items()}
         attempts = int(state.get("attempts", 0))
         updated_at = float(state["updated_at"]) if "updated_at" in state else None
+        value = _value_from_fields(state)
         if has_payload:
-            return KeyStatus(KeyState.READY, None, attempts, updated_at)
-        if state.get("state") == KeyState.FAILED.value:
-            return KeyStatus(KeyState.FAILED, state.get("reason"), attempts, updated_at)
+            return KeyStatus(KeyState.READY, None, attempts, updated_at, value)
+        if state.get("state") in (KeyState.FAILED.value, KeyState.DECLINED.value):
+            return KeyStatus(
+                KeyState(state["state"]), state.get("reason"), attempts, updated_at, value
+            )
         if has_claim:
             pending = state.get("state") == KeyState.PENDING.value
             return KeyStatus(
@@ -300,6 +311,7 @@ class RedisStore(AugmentationStore):
             return {
                 "ready": EnqueueOutcome.ALREADY_READY,
                 "failed": EnqueueOutcome.FAILED,
+                "declined": EnqueueOutcome.DECLINED,
                 "pending": EnqueueOutcome.ALREADY_PENDING,
             }[verdict]
         entry_id = await self._run(
@@ -427,25 +439,55 @@ class RedisStore(AugmentationStore):
     async def _announce(self, key: str, state: str) -> None:
         await self._client.publish(EVENTS_CHANNEL, json.dumps({"key": key, "state": state}))
 
-    async def _publish(self, delivery: Delivery, payload_bytes: bytes) -> None:
+    async def _publish(
+        self, delivery: Delivery, payload_bytes: bytes, value: ValueFigure | None
+    ) -> None:
         key = delivery.job.key
         await self._run(
             "publish",
             [payload_key(key), state_key(key), claim_key(key)],
-            [payload_bytes, _ms(self.config.payload_ttl_s), delivery.deliveries, repr(time.time())],
-        )
+            [payload_bytes, _ms(self.config.payload_ttl_s), delivery.deliveries, repr(time.time()),
+             *_value_fields(value)],
+        )  # fmt: skip
         # The payload is stored before the ack: a crash in between only causes a harmless
         # redelivery, never an acked job without a payload.
         await self._run("ack", [JOB_STREAM], [CONSUMER_GROUP, delivery.stream_id])
         await self._announce(key, KeyState.READY.value)
 
+    async def _decline(self, delivery: Delivery, reason: str, value: ValueFigure) -> None:
+        key = delivery.job.key
+        await self._run(
+            "mark_finished",
+            [state_key(key), claim_key(key)],
+            [KeyState.DECLINED.value, reason, delivery.deliveries,
+             _ms(self.config.declined_ttl_s), repr(time.time()), *_value_fields(value)],
+        )  # fmt: skip
+        await self._run("ack", [JOB_STREAM], [CONSUMER_GROUP, delivery.stream_id])
+        await self._announce(key, KeyState.DECLINED.value)
+
+    async def _add_value(self, key: str, delta: float) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hincrby(key, "n", 1)
+        pipe.hincrbyfloat(key, "total", delta)
+        pipe.hincrbyfloat(key, "total_sq", delta * delta)
+        await pipe.execute()
+
+    async def _read_value(self, key: str) -> ValueEstimate:
+        fields = {_text(k): _text(v) for k, v in (await self._client.hgetall(key)).items()}
+        return ValueEstimate(
+            int(fields.get("n", 0)),
+            float(fields.get("total", 0.0)),
+            float(fields.get("total_sq", 0.0)),
+        )
+
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         key = delivery.job.key
         await self._run(
-            "mark_failed",
+            "mark_finished",
             [state_key(key), claim_key(key)],
-            [reason, delivery.deliveries, _ms(self.config.failed_ttl_s), repr(time.time())],
-        )
+            [KeyState.FAILED.value, reason, delivery.deliveries,
+             _ms(self.config.failed_ttl_s), repr(time.time())],
+        )  # fmt: skip
         await self._bury(
             delivery.stream_id, key, reason, delivery.deliveries, delivery.job.to_json(),
             delivery.consumer,
@@ -569,6 +611,24 @@ class RedisStore(AugmentationStore):
         self._notify_all()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._client.aclose(), self.config.op_timeout_s)
+
+
+def _value_fields(value: ValueFigure | None) -> list[str]:
+    """A value-check figure as flat hash fields for the Lua scripts (none if not measured)."""
+    if value is None:
+        return []
+    return ["value_delta", repr(value.delta), "value_std_error", repr(value.std_error),
+            "value_tokens", str(value.tokens)]  # fmt: skip
+
+
+def _value_from_fields(state: dict[str, str]) -> ValueFigure | None:
+    if "value_delta" not in state:
+        return None
+    return ValueFigure(
+        float(state["value_delta"]),
+        float(state.get("value_std_error", 0.0)),
+        int(state.get("value_tokens", 0)),
+    )
 
 
 def _ms(seconds: float) -> int:

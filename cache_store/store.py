@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 
 from cache_store.errors import PayloadRejected, PayloadTooLarge, StoreUnavailable
-from cache_store.keys import validate_key
+from cache_store.keys import validate_key, value_key
 from cache_store.metrics import StoreMetrics
 from cache_store.payload import TOO_LARGE, Payload, PayloadExpectation, decode_payload
 from cache_store.types import (
@@ -29,6 +30,7 @@ from cache_store.types import (
     QueueStats,
     StoreConfig,
 )
+from cache_store.value import ValueEstimate, ValueFigure
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +148,43 @@ class AugmentationStore(ABC):
             self.metrics.rejected.labels(TOO_LARGE).inc()
             raise PayloadTooLarge(size, self.config.max_payload_bytes)
         try:
-            decode_payload(payload_bytes, expected=PayloadExpectation.for_job(delivery.job))
+            payload = decode_payload(
+                payload_bytes, expected=PayloadExpectation.for_job(delivery.job)
+            )
         except PayloadRejected as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             raise
         async with self._op("publish"):
-            await self._publish(delivery, payload_bytes)
+            await self._publish(delivery, payload_bytes, payload.value)
         self.metrics.published.inc()
         self.metrics.payload_bytes.observe(size)
+
+    async def decline(self, delivery: Delivery, value: ValueFigure, reason: str) -> None:
+        """Finish a job without a payload because its latents were measured harmful: the key
+        is marked declined with the figure (not dead-lettered: nothing failed) and refuses
+        new jobs until declined_ttl_s passes."""
+        async with self._op("decline"):
+            await self._decline(delivery, _clip(reason), value)
+        self.metrics.declined.inc()
+
+    async def record_value(self, coprocessor_fp: str, tenant: str, delta: float) -> None:
+        """Add one context's value-check figure (nats per token) to the running estimates of
+        its tenant and of all tenants, which every server and worker reads."""
+        if not math.isfinite(delta):
+            raise ValueError(f"a value-check figure must be finite, got {delta}")
+        async with self._op("record_value"):
+            for key in (value_key(coprocessor_fp, tenant), value_key(coprocessor_fp, None)):
+                await self._add_value(key, delta)
+
+    async def value_estimates(
+        self, coprocessor_fp: str, tenant: str, *, timeout_s: float | None = None
+    ) -> tuple[ValueEstimate, ValueEstimate]:
+        """(the tenant's, all tenants') running value-check estimates of a coprocessor."""
+        async with self._op("value_estimates", timeout_s):
+            return (
+                await self._read_value(value_key(coprocessor_fp, tenant)),
+                await self._read_value(value_key(coprocessor_fp, None)),
+            )
 
     async def fail(self, delivery: Delivery, reason: str) -> None:
         """Give up on a job: dead-letter it and mark its key failed with `reason`."""
@@ -274,7 +305,19 @@ class AugmentationStore(ABC):
     async def _claim_jobs(self, consumer: str, max_jobs: int, block_s: float) -> list[Delivery]: ...
 
     @abstractmethod
-    async def _publish(self, delivery: Delivery, payload_bytes: bytes) -> None: ...
+    async def _publish(
+        self, delivery: Delivery, payload_bytes: bytes, value: ValueFigure | None
+    ) -> None: ...
+
+    @abstractmethod
+    async def _decline(self, delivery: Delivery, reason: str, value: ValueFigure) -> None: ...
+
+    @abstractmethod
+    async def _add_value(self, key: str, delta: float) -> None:
+        """Add delta (and its square, and one to the count) to the estimate at `key`."""
+
+    @abstractmethod
+    async def _read_value(self, key: str) -> ValueEstimate: ...
 
     @abstractmethod
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None: ...

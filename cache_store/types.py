@@ -10,6 +10,7 @@ from typing import Any
 
 from cache_store.errors import MalformedJob
 from cache_store.keys import prefix_key, validate_key
+from cache_store.value import ValueFigure
 
 JOB_SCHEMA_VERSION = 1
 
@@ -19,17 +20,21 @@ class KeyState(enum.StrEnum):
     PENDING = "pending"
     READY = "ready"
     FAILED = "failed"
+    DECLINED = "declined"
+    """The value check found the latents confidently harmful for this context."""
 
 
 @dataclass(frozen=True, slots=True)
 class KeyStatus:
     state: KeyState
     reason: str | None = None
-    """Why the key failed (FAILED only)."""
+    """Why the key failed or was declined (FAILED, DECLINED)."""
     attempts: int = 0
     """Deliveries of the key's job so far (0 until a worker has claimed it)."""
     updated_at: float | None = None
     """Unix time of the last state change a worker recorded, if any."""
+    value: ValueFigure | None = None
+    """The value check's figure of the key's latents (READY, DECLINED), if measured."""
 
     @property
     def terminal(self) -> bool:
@@ -44,6 +49,8 @@ class EnqueueOutcome(enum.StrEnum):
     QUEUE_FULL = "queue_full"
     FAILED = "failed"
     """The key is marked failed (recently dead-lettered); it is retried after failed_ttl_s."""
+    DECLINED = "declined"
+    """The key's latents were declined by the value check; retried after declined_ttl_s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +187,8 @@ class StoreConfig:
     """Lifetime of the dedup claim: bounds how long a lost job can keep its key pending."""
     failed_ttl_s: float = 3600.0
     """How long a dead-lettered key refuses new jobs before it may be tried again."""
+    declined_ttl_s: float = 24 * 3600.0
+    """How long a declined key refuses new jobs before it may be measured again."""
     max_dead_letters: int = 10_000
     poll_interval_s: float = 0.25
     """wait_ready's re-check interval while push notifications are not available."""
@@ -196,6 +205,7 @@ class StoreConfig:
             "op_timeout_s": self.op_timeout_s,
             "pending_ttl_s": self.pending_ttl_s,
             "failed_ttl_s": self.failed_ttl_s,
+            "declined_ttl_s": self.declined_ttl_s,
             "max_dead_letters": self.max_dead_letters,
             "poll_interval_s": self.poll_interval_s,
             "memory_capacity_bytes": self.memory_capacity_bytes,

@@ -19,6 +19,7 @@ from cache_store import (
     PayloadRejected,
     PayloadTooLarge,
 )
+from cache_store.value import ValueFigure
 from tests.fixtures.store_backends import (
     COPROCESSOR_FP,
     N_LATENTS,
@@ -155,6 +156,55 @@ async def test_failed_mark_expires_so_the_key_can_be_retried(harness: StoreHarne
     assert await store.enqueue(job) is EnqueueOutcome.FAILED
     await asyncio.sleep(0.5)
     assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+
+
+async def test_published_value_figure_is_in_payload_and_status(harness: StoreHarness) -> None:
+    store = harness.open()
+    job = make_job(8)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    figure = ValueFigure(delta=-0.031, std_error=0.012, tokens=26)
+    await store.publish(delivery, make_payload(job, value=figure))
+    assert (await store.status(job.key)).value == figure
+    payload = await store.get_payload(job.key, expectation(job))
+    assert payload is not None and payload.value == figure
+
+
+async def test_declined_key_keeps_its_figure_and_refuses_jobs_until_it_expires(
+    harness: StoreHarness,
+) -> None:
+    store = harness.open(declined_ttl_s=0.4)
+    job = make_job(9)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    figure = ValueFigure(delta=0.9, std_error=0.1, tokens=26)
+    await store.decline(delivery, figure, "latents confidently harmful on this context")
+    status = await store.status(job.key)
+    assert status.state is KeyState.DECLINED and status.terminal
+    assert status.value == figure and "harmful" in (status.reason or "")
+    assert (await store.wait_ready(job.key, 1.0)).state is KeyState.DECLINED
+    assert await store.get_payload(job.key, expectation(job)) is None
+    assert await store.dead_letters() == []  # declining is not a failure
+    assert (await store.queue_stats()).length == 0
+    assert await store.enqueue(job) is EnqueueOutcome.DECLINED
+    assert sample(store, "deliberate_store_declined_total") == 1
+    await asyncio.sleep(0.5)
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+
+
+async def test_value_estimates_are_shared_per_tenant_and_overall(harness: StoreHarness) -> None:
+    store = harness.open()
+    other = harness.peer(store)  # another process's handle sees the same estimates
+    for delta in (0.1, 0.3):
+        await store.record_value(COPROCESSOR_FP, "tenant-a", delta)
+    await other.record_value(COPROCESSOR_FP, "tenant-b", -0.2)
+    await store.record_value(COPROCESSOR_FP + "-other", "tenant-a", 5.0)
+    tenant_a, overall = await other.value_estimates(COPROCESSOR_FP, "tenant-a")
+    assert tenant_a.n == 2 and tenant_a.mean == pytest.approx(0.2)
+    assert tenant_a.std_error == pytest.approx(0.1)
+    assert overall.n == 3 and overall.mean == pytest.approx(0.2 / 3)
+    fresh, _ = await store.value_estimates(COPROCESSOR_FP, "tenant-c")
+    assert fresh.n == 0
 
 
 def _flip_last_tensor_byte(data: bytes) -> bytes:
