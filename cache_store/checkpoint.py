@@ -1,5 +1,15 @@
-"""What a coprocessor checkpoint says about itself (`deliberate.json`), read without loading
-any weights: the server needs the fingerprints, N_L and the quality gate, never the model."""
+"""What a coprocessor checkpoint says about itself, read without loading any weights: the
+server needs the fingerprints, N_L and the quality gate, never the model.
+
+A checkpoint folder holds safetensors tensors, `deliberate.json` (the manifest: format
+version, method, the fingerprint of the decoder it was trained for, N_L, training config)
+and `evaluation.json` (its recorded held-out evaluation and quality gate). This module owns
+both files' names, the format version and the checks on reading; the worker's loader reads
+manifests through it too, so the server and the worker cannot disagree on what a valid
+checkpoint is. The evaluation file is outside the checkpoint's fingerprint
+(cache_store.fingerprint): recording an evaluation changes no prefix key, so it orphans no
+stored payload.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +21,44 @@ from typing import Any
 from cache_store.fingerprint import checkpoint_fingerprint
 
 MANIFEST = "deliberate.json"
+EVALUATION = "evaluation.json"
+FORMAT_VERSION = 1
+NOT_EVALUATED = {"passed": False, "passed_with_value_check": False, "rule": "not evaluated yet"}
 
 
 class CheckpointMismatch(Exception):
     """A coprocessor checkpoint trained for another decoder; using it would produce garbage."""
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A checkpoint's deliberate.json, refusing a missing file or another format version."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a coprocessor checkpoint (no {MANIFEST}); "
+            "train one with `deliberate train` or omit --coprocessor for the bundled one"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{manifest_path}: checkpoint format {manifest.get('format_version')!r}, this "
+            f"version of Deliberate reads format {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def read_evaluation(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(evaluation, quality gate) recorded for a checkpoint; the gate fails if none was."""
+    eval_path = Path(path) / EVALUATION
+    if not eval_path.is_file():
+        return {}, dict(NOT_EVALUATED)
+    recorded = json.loads(eval_path.read_text())
+    return recorded.get("evaluation", {}), {**NOT_EVALUATED, **recorded.get("quality_gate", {})}
+
+
+def write_evaluation(path: Path, evaluation: dict[str, Any], gate: dict[str, Any]) -> None:
+    text = json.dumps({"evaluation": evaluation, "quality_gate": gate}, indent=2) + "\n"
+    (Path(path) / EVALUATION).write_text(text)
 
 
 @dataclass(frozen=True)
@@ -26,19 +70,16 @@ class CheckpointInfo:
     n_latents: int
     hidden_size: int
     gate_passed: bool
+    """The raw latents passed the recorded quality gate."""
+    gate_passed_with_value_check: bool
+    """The latents as served with the value check passed it."""
     gate_rule: str
     manifest: dict[str, Any]
 
     @classmethod
     def read(cls, path: Path) -> CheckpointInfo:
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a coprocessor checkpoint (no {MANIFEST}); "
-                "train one with `deliberate train` or omit --coprocessor for the bundled one"
-            )
-        manifest = json.loads(manifest_path.read_text())
-        gate = manifest.get("quality_gate") or {}
+        manifest = read_manifest(path)
+        _, gate = read_evaluation(path)
         return cls(
             path=path,
             fingerprint=checkpoint_fingerprint(path),
@@ -46,10 +87,15 @@ class CheckpointInfo:
             method=manifest.get("method", "lora"),
             n_latents=int(manifest["n_latents"]),
             hidden_size=int(manifest["hidden_size"]),
-            gate_passed=bool(gate.get("passed", False)),
-            gate_rule=str(gate.get("rule", "no recorded evaluation")),
+            gate_passed=bool(gate["passed"]),
+            gate_passed_with_value_check=bool(gate["passed_with_value_check"]),
+            gate_rule=str(gate["rule"]),
             manifest=manifest,
         )
+
+    def gate(self, value_check: bool) -> bool:
+        """Whether the recorded gate passed for the configuration in use."""
+        return self.gate_passed_with_value_check if value_check else self.gate_passed
 
     def require_decoder(self, decoder_fingerprint: str) -> None:
         if decoder_fingerprint != self.decoder_fingerprint:

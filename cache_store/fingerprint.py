@@ -40,10 +40,15 @@ def decoder_fingerprint(model_dir: str | Path) -> str:
     return _hash_files(root, files)
 
 
+# A checkpoint's recorded evaluation (cache_store.checkpoint.EVALUATION) says how good its
+# latents are; it does not change them, so recording one must not change any prefix key.
+_NOT_HASHED = frozenset({"evaluation.json"})
+
+
 def checkpoint_fingerprint(checkpoint_dir: str | Path) -> str:
-    """Hash of every file in a coprocessor checkpoint folder."""
+    """Hash of every file in a coprocessor checkpoint folder but its recorded evaluation."""
     root = Path(checkpoint_dir)
-    files = [p for p in root.rglob("*") if p.is_file()]
+    files = [p for p in root.rglob("*") if p.is_file() and p.name not in _NOT_HASHED]
     if not files:
         raise FileNotFoundError(f"coprocessor checkpoint {root} is empty or missing")
     return _hash_files(root, files)

@@ -39,10 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache_store.checkpoint import CheckpointMismatch
+from cache_store.checkpoint import (
+    EVALUATION,
+    FORMAT_VERSION,
+    MANIFEST,
+    CheckpointMismatch,
+    read_manifest,
+)
+from cache_store.value import ValueFigure
 
-FORMAT_VERSION = 1
-META_FILE = "deliberate.json"
 EXTRA_FILE = "latents.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
 FULL_FILE = "coprocessor.safetensors"
@@ -314,26 +319,50 @@ class CoprocessorModel(nn.Module):
         plain decoder's NLL [B, K, n_ahead] from the same prefix pass (no grad). `prefix` is
         that pass if already run (it is the same for every model sharing the decoder)."""
         kv, last_hidden = prefix if prefix is not None else self.prefix_pass(ids)
-        b, k = prefix_lens.shape
-        offsets = torch.arange(n_ahead)
-        ahead_idx = prefix_lens[:, :, None] + offsets  # [B, K, A]
-        targets = torch.gather(ids, 1, ahead_idx.reshape(b, -1)).reshape(b, k, n_ahead)
-        with torch.no_grad():
-            # The plain decoder predicts ids[p+j] from position p+j-1 of the prefix pass.
-            src = (ahead_idx - 1).reshape(b, -1)
-            h = torch.gather(last_hidden, 1, src[:, :, None].expand(-1, -1, last_hidden.shape[-1]))
-            base_nll = _nll(self.logits(h.reshape(b, k, n_ahead, -1)), targets)
+        targets, base_nll = self._plain_ahead_nll(ids, last_hidden, prefix_lens, n_ahead)
         if not latents:
             return base_nll, base_nll
         lat = self.latents_at(kv, prefix_lens)  # [B, K, N_L, H]
+        return self._nll_after_latents(kv, prefix_lens, lat, targets), base_nll
+
+    @torch.no_grad()
+    def _plain_ahead_nll(
+        self, ids: torch.Tensor, last_hidden: torch.Tensor, prefix_lens: torch.Tensor, n_ahead: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n_ahead target ids [B, K, n_ahead] after each prefix, and the plain decoder's
+        NLL of them, read off the prefix pass: it predicts ids[p+j] from position p+j-1."""
+        b, k = prefix_lens.shape
+        ahead_idx = prefix_lens[:, :, None] + torch.arange(n_ahead, device=ids.device)
+        targets = torch.gather(ids, 1, ahead_idx.reshape(b, -1)).reshape(b, k, n_ahead)
+        src = (ahead_idx - 1).reshape(b, -1)
+        h = torch.gather(last_hidden, 1, src[:, :, None].expand(-1, -1, last_hidden.shape[-1]))
+        return targets, _nll(self.logits(h.reshape(b, k, n_ahead, -1)), targets)
+
+    def _nll_after_latents(
+        self, kv: KV, prefix_lens: torch.Tensor, lat: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """NLL [B, K, A] of the targets after each prefix with latents [B, K, N_L, H] between."""
         n = lat.shape[2]
         ahead_in = self.embed(targets[:, :, :-1])  # the ahead tokens fed back, except the last
         with self.autocast():
             embeds = torch.cat([lat.to(ahead_in.dtype), ahead_in], dim=2)
         states = self.decode_groups(kv, prefix_lens, embeds)
         # The last latent's output predicts ahead token 1; ahead token j's predicts j+1.
-        nll = _nll(self.logits(states[:, :, n - 1 :]), targets)
-        return nll, base_nll
+        return _nll(self.logits(states[:, :, n - 1 :]), targets)
+
+    @torch.no_grad()
+    def latents_and_check(
+        self, ids: torch.Tensor, lens: torch.Tensor, points: torch.Tensor, n_check: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving latents [B, N_L, H] after each row's ids[b, :lens[b]], and the value check:
+        the NLL change [B, J, n_check] (with latents minus without) of the n_check tokens after
+        each earlier point points[b, j] of the same row. One prefix pass, one coprocessor pass
+        over all 1 + J groups of soft tokens, one decoder pass over the J check groups."""
+        kv, last_hidden = self.prefix_pass(ids)
+        lat = self.latents_at(kv, torch.cat([lens[:, None], points], dim=1))
+        targets, plain = self._plain_ahead_nll(ids, last_hidden, points, n_check)
+        with_latents = self._nll_after_latents(kv, points, lat[:, 1:], targets)
+        return lat[:, 0], with_latents - plain
 
     def naive_nll(self, ids: torch.Tensor, prefix_lens: torch.Tensor, n_ahead: int) -> torch.Tensor:
         """The reference loop: each (sequence, position) on its own, HF's own causal masking,
@@ -478,11 +507,10 @@ def save_checkpoint(
     *,
     decoder_fingerprint: str,
     training: dict[str, Any] | None = None,
-    evaluation: dict[str, Any] | None = None,
-    quality_gate: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder (safetensors + deliberate.json) atomically."""
+    """Write a checkpoint folder (safetensors + deliberate.json) atomically. It has no
+    evaluation yet (`evaluate.record_in_checkpoint` adds one), so its gate fails."""
     import shutil
     import tempfile
 
@@ -511,12 +539,9 @@ def save_checkpoint(
             "hidden_size": model.hidden_size,
             "coprocessor": asdict(model.config),
             "training": training or {},
-            "evaluation": evaluation or {},
-            "quality_gate": quality_gate
-            or {"passed": False, "rule": "not evaluated yet", "values": {}},
             **(extra_meta or {}),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -527,15 +552,8 @@ def save_checkpoint(
 
 
 def read_meta(checkpoint_dir: Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{checkpoint_dir} is not a coprocessor checkpoint (no {META_FILE})"
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
-    return meta
+    """The manifest, checked as the server checks it (cache_store.checkpoint owns it)."""
+    return read_manifest(Path(checkpoint_dir))
 
 
 def read_checkpoint_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -643,28 +661,83 @@ class Coprocessor:
             tokenizer=tokenizer,
         )
 
-    @torch.no_grad()
-    def latents(self, prefixes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Latents for each prefix, [N_L, hidden] in `dtype`, for positions P..P+N_L-1.
-
-        Prefixes are right-padded into one batch: the decoder is causal, so real tokens never
-        see the padding, and the soft tokens' mask admits only cache positions < P.
-        """
-        if not prefixes:
-            return []
+    def _batch(self, prefixes: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids [B, T] and lengths [B]: the decoder is causal, so real tokens
+        never see the padding, and the soft tokens' mask admits only cache positions < P."""
         if any(len(p) == 0 for p in prefixes):
             raise ValueError("an empty prefix has no cache to deliberate on")
         lens = torch.tensor([len(p) for p in prefixes])
         ids = torch.full((len(prefixes), int(lens.max())), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prefixes):
             ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
-        if self.method == "pause":
-            return [self.model.base.detach().to(self.dtype).cpu().clone() for _ in prefixes]
         device = self.model.base.device
-        kv, _ = self.model.prefix_pass(ids.to(device))
-        lat = self.model.latents_at(kv, lens[:, None].to(device))[:, 0]
+        return ids.to(device), lens.to(device)
+
+    @torch.no_grad()
+    def latents(self, prefixes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Latents for each prefix, [N_L, hidden] in `dtype`, for positions P..P+N_L-1."""
+        if not prefixes:
+            return []
+        if self.method == "pause":
+            self._batch(prefixes)  # the same refusals
+            return [self.model.base.detach().to(self.dtype).cpu().clone() for _ in prefixes]
+        ids, lens = self._batch(prefixes)
+        kv, _ = self.model.prefix_pass(ids)
+        lat = self.model.latents_at(kv, lens[:, None])[:, 0]
         # Callers serialize the latents (safetensors needs host memory): hand back CPU tensors.
         return [row.to(self.dtype).cpu().contiguous() for row in lat]
+
+    @torch.no_grad()
+    def latents_with_value(
+        self, prefixes: Sequence[Sequence[int]], check: ValueCheck
+    ) -> list[tuple[torch.Tensor, ValueFigure | None]]:
+        """Latents for each prefix, as `latents`, and the value check's figure of each (None
+        for a prefix too short to hold a check point), from the same packed passes."""
+        if not prefixes:
+            return []
+        ids, lens = self._batch(prefixes)
+        points = [check.points_for(len(p)) for p in prefixes]
+        if not any(points):
+            return [(row, None) for row in self.latents(prefixes)]
+        # Rows with fewer points are filled with another row's point (inside the padded batch,
+        # so it can be computed); only each row's own points are read back.
+        width = max(len(p) for p in points)
+        filler = next(p[0] for p in points if p)
+        grid = torch.tensor([p + [filler] * (width - len(p)) for p in points], device=ids.device)
+        lat, delta = self.model.latents_and_check(ids, lens, grid, check.tokens)
+        out = []
+        for row, (latents, row_points) in enumerate(zip(lat, points, strict=True)):
+            scored = delta[row, : len(row_points), check.skip :].reshape(-1).float().cpu()
+            out.append((latents.to(self.dtype).cpu().contiguous(), check.figure(scored)))
+        return out
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """Where the value check measures: up to `points` earlier points of a context, spaced
+    `tokens` apart back from its end, each followed by `tokens` tokens of the context's own
+    tail. Scored are ahead positions skip+1..tokens: in serving a prompt sits between the
+    latents and the answer, so the first tokens after the latents are not what is scored."""
+
+    points: int = 2
+    tokens: int = 16
+    skip: int = 3
+    min_prefix: int = 32
+
+    def points_for(self, length: int) -> list[int]:
+        out = []
+        for j in range(1, self.points + 1):
+            point = length - j * self.tokens
+            if point < self.min_prefix:
+                break
+            out.append(point)
+        return out
+
+    def figure(self, deltas: torch.Tensor) -> ValueFigure | None:
+        if deltas.numel() == 0:
+            return None
+        std_error = float(deltas.std() / deltas.numel() ** 0.5) if deltas.numel() > 1 else 0.0
+        return ValueFigure(float(deltas.mean()), std_error, int(deltas.numel()))
 
 
 BUNDLED_CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -693,7 +766,7 @@ def export_checkpoint(src: Path, dst: Path, *, dtype: torch.dtype = torch.bfloat
         if (src / name).is_file():
             tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(src / name)).items()}
             save_file(tensors, str(dst / name))
-    for name in (META_FILE, "adapter_config.json"):
+    for name in (MANIFEST, EVALUATION, "adapter_config.json"):
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
     return dst

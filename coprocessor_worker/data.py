@@ -143,11 +143,16 @@ def bundled_documents(
 
 
 def _txt_documents(path: Path, min_chars: int) -> Iterator[str]:
-    """A .txt file's paragraphs (blank-line separated), merged until each is >= min_chars, so
-    one long file still splits into many documents and can have a held-out part."""
+    """A .txt file's paragraphs, merged into documents of >= min_chars (see _paragraph_docs)."""
+    return _paragraph_documents(path.read_text(encoding="utf-8", errors="replace"), min_chars)
+
+
+def _paragraph_documents(text: str, min_chars: int) -> Iterator[str]:
+    """Paragraphs (blank-line separated), merged until each is >= min_chars, so one long
+    text still splits into many documents and can have a held-out part."""
     buffer: list[str] = []
     size = 0
-    for paragraph in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace")):
+    for paragraph in re.split(r"\n\s*\n", text):
         paragraph = paragraph.strip()
         if not paragraph:
             continue
@@ -201,6 +206,101 @@ def corpus_documents(
     if not docs:
         raise ValueError(f"no documents found in {list(map(str, files))}")
     return select_split(docs, split, held_out_fraction)
+
+
+# --- out-of-domain text ----------------------------------------------------------------------
+
+
+def out_of_domain_documents(min_chars: int = 1000) -> list[Document]:
+    """Text of a register no recipe trains or is tuned on: the Python language reference's
+    topics that ship inside CPython itself (`pydoc_data.topics`: technical reference prose
+    with code, about 0.46 MB), cut into documents of >= min_chars. Evaluation only: never
+    pass it to training (the training readers above cannot reach it)."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for name in sorted(topics):
+        for text in _paragraph_documents(topics[name], min_chars):
+            docs.append(Document(f"pydoc:{name}", _clean(text)))
+    return docs
+
+
+# --- passages with real questions and answers (the serving form) ------------------------------
+
+QA_SOURCES = ("squad", "coqa", "drop", "boolq")
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """A passage, a real question about it and its answer: what a served request looks like
+    (context, then a prompt, then the answer). `choices` is set where the set has them."""
+
+    source: str
+    passage: str
+    question: str
+    answer: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> int:
+        return self.choices.index(self.answer) if self.choices else -1
+
+
+def _first_answer(raw: Any) -> str | None:
+    value = _maybe_literal(raw)
+    while isinstance(value, list | tuple):
+        if not value:
+            return None
+        value = value[0]
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _qa_rows(source: str) -> Iterator[QAItem]:
+    if source == "squad":
+        for row in _requests("squad/bpb_5shot"):
+            doc = row["doc"]
+            match = re.search(r"Background: (.*?)\nQuestion: (.*?)\n", doc["query"], flags=re.S)
+            answer = _first_answer(doc["answers_text"])
+            if match and answer:
+                yield QAItem(source, match.group(1), match.group(2).strip(), answer)
+    elif source == "coqa":
+        for row in _requests("coqa/bpb_0shot"):
+            doc = row["doc"]
+            if doc["id"].endswith("_turn0"):  # later turns depend on the conversation so far
+                answer = _first_answer(doc["answers"])
+                if answer:
+                    yield QAItem(source, doc["story"], doc["question"].strip(), answer)
+    elif source == "drop":
+        for row in _requests("drop/bpb_5shot"):
+            doc = row["doc"]
+            answer = _first_answer(doc["answers"])
+            if answer:
+                yield QAItem(source, doc["passage"], doc["question"].strip(), answer)
+    elif source == "boolq":
+        for row in _arrow_rows("boolq/none/validation"):
+            question = row["question"].strip().capitalize() + "?"
+            answer = "yes" if row["answer"] else "no"
+            yield QAItem(source, row["passage"], question, answer, ("yes", "no"))
+    else:
+        raise ValueError(f"unknown QA source {source!r}; choose from {QA_SOURCES}")
+
+
+def qa_items(split: Split = "held_out", sources: Iterable[str] = QA_SOURCES) -> list[QAItem]:
+    """Deduplicated (passage, question) items whose passage is on `split`: the split is the
+    bundled prose's own document split, so a held-out item's passage was never trained on."""
+    seen: set[tuple[str, str]] = set()
+    items: list[QAItem] = []
+    for source in sources:
+        for item in _qa_rows(source):
+            passage = _clean(item.passage)
+            if len(passage) < 200 or (passage, item.question) in seen:
+                continue
+            if split != "all" and is_held_out(passage) != (split == "held_out"):
+                continue
+            seen.add((passage, item.question))
+            items.append(QAItem(item.source, passage, item.question, item.answer, item.choices))
+    return items
 
 
 # --- token streams for training and evaluation ----------------------------------------------

@@ -17,23 +17,38 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cache_store.checkpoint import write_evaluation
+from cache_store.value import ValueFigure, ValuePolicy
 from coprocessor_worker import data
-from coprocessor_worker.coprocessor import CoprocessorModel
+from coprocessor_worker.coprocessor import CoprocessorModel, ValueCheck
 
 POSITIONS = (1, 2, 4, 8, 16)
 GATE_POSITIONS = (8, 16)
 GATE_EPSILON = 0.01
+ANSWER_EPSILON = 0.005
 GATE_RULE = (
     "passed iff at ahead positions 8 and 16 the relative perplexity change against no "
     "augmentation is <= 0 and the upper end of its 95% bootstrap CI over held-out documents "
     f"is <= +{GATE_EPSILON:.0%}"
+)
+ANSWER_RULE = (
+    "passed iff the answer-token perplexity change against no augmentation is <= 0 and the "
+    f"upper end of its 95% bootstrap CI over items is <= +{ANSWER_EPSILON:.1%}"
+)
+CHECKPOINT_RULE = (
+    "passed iff every set passes: in-domain and out-of-domain text by the perplexity rule ("
+    + GATE_RULE
+    + "), the QA and chat serving forms by the answer rule ("
+    + ANSWER_RULE
+    + "); `passed` judges the raw latents, `passed_with_value_check` the latents as the "
+    "default configuration serves them (declined contexts count as no change)"
 )
 
 
@@ -47,6 +62,8 @@ class EvalConfig:
     batch_docs: int = 4
     n_bootstrap: int = 1000
     mc_items: int = 200  # per multiple-choice set (first N, fixed order)
+    n_ood_docs: int = 150  # out-of-domain documents (0: skip the set)
+    qa_items: int = 300  # held-out serving-form items, each in the QA and the chat form
     seed: int = 0
 
 
@@ -77,18 +94,21 @@ def held_out_windows(
 
 
 @torch.no_grad()
-def per_document_nll(
+def per_point_nll(
     models: dict[str, CoprocessorModel],
     windows: list[tuple[np.ndarray, np.ndarray]],
     cfg: EvalConfig,
     pad_id: int,
-) -> dict[str, np.ndarray]:
-    """NLL per (document, ahead position), averaged over the document's augmentation points:
-    {"none": [D, A], name: [D, A], ...}."""
+    check: ValueCheck | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, list[ValueFigure | None]]]:
+    """NLL per (document, augmentation point, ahead position): {"none": [D, K, A], name: ...},
+    and, with `check`, each model's value-check figure of the context before each point (the
+    worker's check on ids[:p], flattened in document order)."""
     from tqdm import tqdm
 
     first = next(iter(models.values()))
     out: dict[str, list[np.ndarray]] = {"none": [], **{name: [] for name in models}}
+    figures: dict[str, list[ValueFigure | None]] = {name: [] for name in models}
     for start in tqdm(range(0, len(windows), cfg.batch_docs), desc="held-out ppl", unit="batch"):
         chunk = windows[start : start + cfg.batch_docs]
         length = max(len(ids) for ids, _ in chunk)
@@ -102,9 +122,32 @@ def per_document_nll(
         base = None
         for name, model in models.items():
             nll, base = model.packed_nll(ids, pos, cfg.n_ahead, prefix=prefix)
-            out[name].append(nll.mean(1).numpy())
-        out["none"].append(base.mean(1).numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
+            out[name].append(nll.numpy())
+            if check is not None:
+                figures[name] += _check_figures(model, ids, prefix, pos, check)
+        out["none"].append(base.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}, figures
+
+
+def _check_figures(
+    model: CoprocessorModel, ids: torch.Tensor, prefix: tuple, pos: torch.Tensor, check: ValueCheck
+) -> list[ValueFigure | None]:
+    """The value check of every context ids[b, :pos[b, k]], in one packed pass per batch."""
+    points = [[check.points_for(int(p)) for p in row] for row in pos]
+    flat = [[q for qs in row for q in qs] for row in points]
+    width = max((len(f) for f in flat), default=0)
+    if width == 0:
+        return [None] * pos.numel()
+    grid = torch.tensor([f + [1] * (width - len(f)) for f in flat])  # 1: a computable filler
+    nll, plain = model.packed_nll(ids, grid, check.tokens, prefix=prefix)
+    delta = (nll - plain)[:, :, check.skip :]
+    out: list[ValueFigure | None] = []
+    for b, row in enumerate(points):
+        used = 0
+        for qs in row:
+            out.append(check.figure(delta[b, used : used + len(qs)].reshape(-1)))
+            used += len(qs)
+    return out
 
 
 def relative_change_table(
@@ -139,11 +182,34 @@ def relative_change_table(
 
 
 def quality_gate(row: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The perplexity rule on one set's row of `relative_change_table`."""
     values = {str(p): row[str(p)] for p in GATE_POSITIONS if str(p) in row}
     passed = len(values) == len(GATE_POSITIONS) and all(
         v["change"] <= 0 and v["ci_high"] <= GATE_EPSILON for v in values.values()
     )
     return {"passed": bool(passed), "rule": GATE_RULE, "values": values}
+
+
+def answer_gate(effect: dict[str, float]) -> dict[str, Any]:
+    """The answer rule on one serving-form effect (`serving_eval.change_with_ci`)."""
+    passed = effect["change"] <= 0 and effect["ci_high"] <= ANSWER_EPSILON
+    return {"passed": bool(passed), "rule": ANSWER_RULE, "values": {"answer": effect}}
+
+
+def checkpoint_gate(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """The gate the server reads: every evaluated set, raw and with the value check."""
+    sets: dict[str, dict[str, Any]] = {}
+    for view, key in (("raw", "perplexity"), ("with_value_check", "perplexity_with_value_check")):
+        for set_name, tables in result["text"].items():
+            sets.setdefault(set_name, {})[view] = quality_gate(tables[key][name])
+        for form, summary in result["serving"].items():
+            sets.setdefault(form, {})[view] = answer_gate(summary[name][view])
+    return {
+        "passed": all(s["raw"]["passed"] for s in sets.values()),
+        "passed_with_value_check": all(s["with_value_check"]["passed"] for s in sets.values()),
+        "rule": CHECKPOINT_RULE,
+        "sets": sets,
+    }
 
 
 # --- 2. multiple choice and LAMBADA ------------------------------------------------------------
@@ -234,51 +300,87 @@ def task_accuracy(
 # --- reports -----------------------------------------------------------------------------------
 
 
-def markdown(result: dict[str, Any]) -> str:
-    table = result["perplexity"]
-    positions = [p for p in table["none"]]
+def _cell(v: dict[str, float]) -> str:
+    return f"{v['change']:+.2%} ({v['ci_low']:+.1%}..{v['ci_high']:+.1%})"
+
+
+def _text_lines(set_name: str, entry: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    table = entry["perplexity"]
+    positions = list(table["none"])
     lines = [
-        f"Relative perplexity change against no augmentation at each ahead position "
-        f"({result['n_docs']} held-out documents x {result['config']['positions_per_doc']} "
-        "points; 95% bootstrap CI over documents):",
+        f"**{set_name}**: relative perplexity change against no augmentation at each ahead "
+        f"position ({entry['n_docs']} held-out documents x {cfg['positions_per_doc']} points; "
+        "95% bootstrap CI over documents); *+check*: as served with the value check (declined "
+        "contexts count as no change).",
         "",
-        "| method | "
-        + " | ".join(f"pos {p}" for p in positions)
-        + " | mean 1-"
-        + f"{positions[-1]} |",
+        "| method | " + " | ".join(f"pos {p}" for p in positions) + f" | mean 1-{positions[-1]} |",
         "|---" * (len(positions) + 2) + "|",
     ]
     for name, row in table.items():
         if name == "none":
             continue
-        cells = [
-            f"{row[p]['change']:+.2%} ({row[p]['ci_low']:+.1%}..{row[p]['ci_high']:+.1%})"
-            for p in [*positions, "mean"]
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(
-        "| none (ppl) | " + " | ".join(f"{table['none'][p]['ppl']:.1f}" for p in positions) + " | |"
-    )
-    if result.get("tasks"):
-        methods = list(next(iter(result["tasks"].values())))
-        lines += ["", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-        for task, row in result["tasks"].items():
+        protected = entry["perplexity_with_value_check"][name]
+        for label, r in ((name, row), (f"{name} +check", protected)):
+            cells = [_cell(r[p]) for p in [*positions, "mean"]]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} served | {entry['served_fraction'][name]:.0%} of contexts |")
+    ppl = " | ".join(f"{table['none'][p]['ppl']:.1f}" for p in positions)
+    return [*lines, f"| none (ppl) | {ppl} | |", ""]
+
+
+def _serving_lines(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "**Serving form**: answer-token perplexity change against no augmentation (95% "
+        "bootstrap CI over items), accuracy without / with latents / as served.",
+        "",
+        "| form | method | n | raw | +check | served | acc none | acc | acc +check |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for form, summary in result["serving"].items():
+        for name, row in summary.items():
+            if not isinstance(row, dict):
+                continue
             lines.append(
-                f"| {task} (n={row[methods[0]]['n']}) | "
-                + " | ".join(f"{row[m]['acc']:.3f}" for m in methods)
-                + " |"
+                f"| {form} | {name} | {summary['n']} | {_cell(row['raw'])} | "
+                f"{_cell(row['with_value_check'])} | {row['served_fraction']:.0%} | "
+                f"{summary['acc_none']:.3f} | {row['acc']:.3f} | "
+                f"{row['acc_with_value_check']:.3f} |"
             )
-            if "acc_norm" in row[methods[0]]:
-                lines.append(
-                    f"| {task} acc_norm | "
-                    + " | ".join(f"{row[m]['acc_norm']:.3f}" for m in methods)
-                    + " |"
-                )
-    for name, gate in result.get("quality_gate", {}).items():
-        lines += [
-            "",
-            f"Quality gate ({name}): {'PASSED' if gate['passed'] else 'FAILED'}: {gate['rule']}.",
-        ]
+    return [*lines, ""]
+
+
+def _task_lines(tasks: dict[str, Any]) -> list[str]:
+    if not tasks:
+        return []
+    methods = list(next(iter(tasks.values())))
+    lines = ["| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for task, row in tasks.items():
+        accs = " | ".join(f"{row[m]['acc']:.3f}" for m in methods)
+        lines.append(f"| {task} (n={row[methods[0]]['n']}) | {accs} |")
+        if "acc_norm" in row[methods[0]]:
+            norms = " | ".join(f"{row[m]['acc_norm']:.3f}" for m in methods)
+            lines.append(f"| {task} acc_norm | {norms} |")
+    return [*lines, ""]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for set_name, entry in result["text"].items():
+        lines += _text_lines(set_name, entry, result["config"])
+    if result["serving"]:
+        lines += _serving_lines(result)
+    lines += _task_lines(result.get("tasks", {}))
+    for name, gate in result["quality_gate"].items():
+        verdicts = ", ".join(
+            f"{s}: {'pass' if v['raw']['passed'] else 'FAIL'} raw / "
+            f"{'pass' if v['with_value_check']['passed'] else 'FAIL'} +check"
+            for s, v in gate["sets"].items()
+        )
+        lines.append(
+            f"Quality gate ({name}): raw {'PASSED' if gate['passed'] else 'FAILED'}, with the "
+            f"value check {'PASSED' if gate['passed_with_value_check'] else 'FAILED'} "
+            f"({verdicts}). Rule: {gate['rule']}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -288,25 +390,56 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = result["perplexity"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, row) in enumerate((n, r) for n, r in table.items() if n != "none"):
-        ps = [int(p) for p in row if p != "mean"]
-        y = np.array([row[str(p)]["change"] for p in ps]) * 100
-        lo = y - np.array([row[str(p)]["ci_low"] for p in ps]) * 100
-        hi = np.array([row[str(p)]["ci_high"] for p in ps]) * 100 - y
-        x = np.array(ps) * (1 + 0.04 * (i - 0.5))
-        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=name)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("symlog", linthresh=5)
-    ax.set_xlabel("ahead position after the augmentation point")
-    ax.set_ylabel("perplexity change vs no augmentation (%)")
-    ax.set_title(f"Held-out ({result['n_docs']} docs), 95% bootstrap CI")
-    ax.legend()
+    sets = result["text"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4), squeeze=False)
+    for ax, (set_name, entry) in zip(axes[0], sets.items(), strict=True):
+        rows = [(n, r) for n, r in entry["perplexity"].items() if n != "none"]
+        for i, (name, row) in enumerate(rows):
+            ps = [int(p) for p in row if p != "mean"]
+            y = np.array([row[str(p)]["change"] for p in ps]) * 100
+            lo = y - np.array([row[str(p)]["ci_low"] for p in ps]) * 100
+            hi = np.array([row[str(p)]["ci_high"] for p in ps]) * 100 - y
+            x = np.array(ps) * (1 + 0.04 * (i - 0.5))
+            ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=name)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("symlog", linthresh=5)
+        ax.set_xlabel("ahead position after the augmentation point")
+        ax.set_ylabel("perplexity change vs no augmentation (%)")
+        ax.set_title(f"{set_name} ({entry['n_docs']} docs), raw latents, 95% CI")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def text_set(
+    models: dict[str, CoprocessorModel],
+    tokenizer: Any,
+    cfg: EvalConfig,
+    docs: list[data.Document] | None,
+    check: ValueCheck,
+    policy: ValuePolicy,
+) -> dict[str, Any]:
+    """One text set's perplexity table, raw and as protected by the value check."""
+    from coprocessor_worker.serving_eval import protected
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    windows = held_out_windows(tokenizer, cfg, docs)
+    nll, figures = per_point_nll(models, windows, cfg, pad, check)
+    base = nll["none"]
+    guarded = {"none": base.mean(1)}
+    served_fraction = {}
+    for name in models:
+        served = protected(figures[name], policy).reshape(base.shape[:2])
+        guarded[name] = np.where(served[..., None], nll[name], base).mean(1)
+        served_fraction[name] = float(served.mean())
+    return {
+        "n_docs": len(windows),
+        "perplexity": relative_change_table({k: v.mean(1) for k, v in nll.items()}, cfg),
+        "perplexity_with_value_check": relative_change_table(guarded, cfg),
+        "served_fraction": served_fraction,
+    }
 
 
 def evaluate(
@@ -316,21 +449,41 @@ def evaluate(
     out_dir: Path,
     tasks: list[str],
     docs: list[data.Document] | None = None,
+    *,
+    check: ValueCheck | None = None,
+    policy: ValuePolicy | None = None,
 ) -> dict[str, Any]:
-    """Run everything, write result.json, result.md and result.png into out_dir."""
+    """Run everything, write result.json, result.md and result.png into out_dir: held-out
+    in-domain text (`docs`, default the bundled prose), the out-of-domain text, the QA and
+    chat serving forms, each raw and with the value check, and the accuracy `tasks`."""
+    from coprocessor_worker.serving_eval import serving_form, summarise
+
+    check, policy = check or ValueCheck(), policy or ValuePolicy()
     out_dir.mkdir(parents=True, exist_ok=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t0 = time.time()
-    windows = held_out_windows(tokenizer, cfg, docs)
-    nll = per_document_nll(models, windows, cfg, pad)
-    table = relative_change_table(nll, cfg)
+    text = {"in_domain": text_set(models, tokenizer, cfg, docs, check, policy)}
+    if cfg.n_ood_docs:
+        ood_cfg = replace(cfg, n_docs=cfg.n_ood_docs)
+        ood = data.out_of_domain_documents()
+        text["out_of_domain"] = text_set(models, tokenizer, ood_cfg, ood, check, policy)
+    serving = {}
+    if cfg.qa_items:
+        items = data.qa_items("held_out")
+        order = np.random.default_rng(cfg.seed).permutation(len(items))[: cfg.qa_items]
+        items = [items[i] for i in order]
+        for form in ("qa", "chat"):
+            scores = serving_form(models, tokenizer, items, form, check)
+            serving[form] = summarise(scores, policy, cfg.n_bootstrap)
     result: dict[str, Any] = {
-        "config": cfg.__dict__,
-        "n_docs": len(windows),
-        "perplexity": table,
-        "quality_gate": {name: quality_gate(table[name]) for name in models},
+        "config": asdict(cfg),
+        "value_check": asdict(check),
+        "value_policy": asdict(policy),
+        "text": text,
+        "serving": serving,
+        "tasks": {t: task_accuracy(models, tokenizer, t, cfg, pad) for t in tasks},
     }
-    result["tasks"] = {t: task_accuracy(models, tokenizer, t, cfg, pad) for t in tasks}
+    result["quality_gate"] = {name: checkpoint_gate(result, name) for name in models}
     result["seconds"] = round(time.time() - t0, 1)
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "result.md").write_text(markdown(result))
@@ -339,22 +492,36 @@ def evaluate(
 
 
 def record_in_checkpoint(checkpoint_dir: Path, name: str, result: dict[str, Any]) -> None:
-    """Write this model's evaluation and quality gate into its deliberate.json (what the
-    server reads to decide whether to apply its latents)."""
-    path = Path(checkpoint_dir) / "deliberate.json"
-    meta = json.loads(path.read_text())
-    meta["evaluation"] = {
-        "held_out_perplexity_change": result["perplexity"][name],
-        "baseline": result["perplexity"]["none"],
-        "n_docs": result["n_docs"],
-        "tasks": {
-            t: {"this": row[name], "none": row["none"]} for t, row in result["tasks"].items()
+    """Write this model's evaluation and quality gate into the checkpoint's evaluation file
+    (what the server reads to decide whether to apply its latents). The file is outside the
+    checkpoint's fingerprint, so recording does not orphan stored payloads."""
+
+    def mine(table: dict[str, Any]) -> dict[str, Any]:
+        return {"this": table[name], "none": table["none"]}
+
+    write_evaluation(
+        Path(checkpoint_dir),
+        {
+            "text": {
+                s: {
+                    "n_docs": e["n_docs"],
+                    "perplexity": mine(e["perplexity"]),
+                    "perplexity_with_value_check": mine(e["perplexity_with_value_check"]),
+                    "served_fraction": e["served_fraction"][name],
+                }
+                for s, e in result["text"].items()
+            },
+            "serving": {
+                f: {"n": s["n"], "acc_none": s["acc_none"], **s[name]}
+                for f, s in result["serving"].items()
+            },
+            "tasks": {t: mine(row) for t, row in result["tasks"].items()},
+            "config": result["config"],
+            "value_check": result["value_check"],
+            "value_policy": result["value_policy"],
         },
-        "others": {k: v for k, v in result["perplexity"].items() if k not in (name, "none")},
-        "config": result["config"],
-    }
-    meta["quality_gate"] = result["quality_gate"][name]
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+        result["quality_gate"][name],
+    )
 
 
 def read_log(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

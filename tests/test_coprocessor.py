@@ -141,7 +141,6 @@ def _save(model: CoprocessorModel, out: Path, fingerprint: str) -> Path:
         out,
         decoder_fingerprint=fingerprint,
         training={"steps": 0},
-        quality_gate={"passed": False, "rule": "test", "values": {}},
     )
 
 
@@ -153,7 +152,7 @@ def test_checkpoint_round_trip_and_batched_equals_single(tiny_llama: Path, tmp_p
     assert {"deliberate.json", "latents.safetensors", "adapter_model.safetensors"} <= {
         p.name for p in ckpt.iterdir()
     }
-    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32)
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
     assert (loaded.n_latents, loaded.hidden_size) == (3, 64)
     assert loaded.decoder_fingerprint == decoder_fingerprint(tiny_llama)
     assert len(loaded.fingerprint) == 32
@@ -177,7 +176,7 @@ def test_checkpoint_for_another_decoder_is_refused(tiny_llama: Path, tmp_path: P
     model = _model(tiny_llama)
     ckpt = _save(model, tmp_path / "other", "0" * 32)
     with pytest.raises(CheckpointMismatch, match="trained for decoder 0000"):
-        Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32)
+        Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
 
 
 def test_pause_checkpoint_latents_ignore_the_prefix(tiny_llama: Path, tmp_path: Path) -> None:
@@ -185,6 +184,37 @@ def test_pause_checkpoint_latents_ignore_the_prefix(tiny_llama: Path, tmp_path: 
 
     model = _model(tiny_llama, method="pause")
     ckpt = _save(model, tmp_path / "pause", decoder_fingerprint(tiny_llama))
-    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32)
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
     a, b = loaded.latents([[1, 2, 3], [9]])
     assert torch.equal(a, b) and torch.equal(a, model.base.detach())
+
+
+def test_value_check_matches_separate_passes(tiny_llama: Path, tmp_path: Path) -> None:
+    """latents_with_value packs the serving latents and every check point of a batch of
+    contexts of different lengths into one pass each; it must equal computing them apart:
+    the serving latents as `latents` does, and each check point's NLL change as `packed_nll`
+    of that context alone."""
+    from cache_store.fingerprint import decoder_fingerprint
+    from coprocessor_worker.coprocessor import ValueCheck
+
+    model = _model(tiny_llama)
+    with torch.no_grad():  # a coprocessor whose latents depend on the context
+        model.proj.weight.normal_(0, 5.0)
+    ckpt = _save(model, tmp_path / "ckpt", decoder_fingerprint(tiny_llama))
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
+    check = ValueCheck(points=2, tokens=6, skip=2, min_prefix=4)
+    generator = torch.Generator().manual_seed(1)
+    prefixes = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in (23, 9, 5)]
+    results = loaded.latents_with_value(prefixes, check)
+    assert [len(check.points_for(len(p))) for p in prefixes] == [2, 0, 0]
+    assert results[1][1] is None and results[2][1] is None  # too short for a check point
+    for (latents, _), single in zip(results, loaded.latents(prefixes), strict=True):
+        torch.testing.assert_close(latents, single, atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([prefixes[0]])
+    with torch.no_grad():
+        nll, plain = loaded.model.packed_nll(ids, torch.tensor([[17, 11]]), 6)
+    expected = (nll - plain)[0, :, 2:].reshape(-1)
+    figure = results[0][1]
+    assert figure is not None and figure.tokens == 8
+    assert figure.delta == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert figure.std_error == pytest.approx(float(expected.std() / 8**0.5), abs=1e-5)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache_store.value import ValuePolicy
 from coprocessor_worker import evaluate as ev
 from coprocessor_worker.coprocessor import CoprocessorConfig, build_model, load_decoder
 
@@ -80,48 +81,107 @@ def test_relative_change_table_and_gate() -> None:
 def test_evaluate_writes_json_markdown_png(tiny_llama: Path, tmp_path: Path) -> None:
     models = _models(tiny_llama)
     _, tokenizer = load_decoder(tiny_llama, torch.float32)
-    cfg = ev.EvalConfig(n_docs=6, mc_items=3, batch_docs=4, n_bootstrap=50, window=96)
+    cfg = ev.EvalConfig(
+        n_docs=6, mc_items=3, batch_docs=4, n_bootstrap=50, window=96, n_ood_docs=4, qa_items=4
+    )
     result = ev.evaluate(models, tokenizer, cfg, tmp_path, ["arc_easy", "lambada", "hellaswag"])
     saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["n_docs"] == 6
-    assert set(saved["perplexity"]) == {"none", "pause", "lora"}
-    assert set(saved["perplexity"]["lora"]) == {"1", "2", "4", "8", "16", "mean"}
+    assert set(saved["text"]) == {"in_domain", "out_of_domain"}
+    assert saved["text"]["in_domain"]["n_docs"] == 6
+    assert saved["text"]["out_of_domain"]["n_docs"] == 4
+    for entry in saved["text"].values():
+        for table in ("perplexity", "perplexity_with_value_check"):
+            assert set(entry[table]) == {"none", "pause", "lora"}
+            assert set(entry[table]["lora"]) == {"1", "2", "4", "8", "16", "mean"}
+        assert 0 <= entry["served_fraction"]["lora"] <= 1
+    for form in ("qa", "chat"):
+        summary = saved["serving"][form]
+        assert summary["n"] == 4 and 0 <= summary["acc_none"] <= 1
+        assert {"raw", "with_value_check", "served_fraction"} <= set(summary["lora"])
     for task in ("arc_easy", "lambada", "hellaswag"):
         assert set(saved["tasks"][task]) == {"none", "pause", "lora"}
         assert all(0 <= v["acc"] <= 1 for v in saved["tasks"][task].values())
     assert "acc_norm" in saved["tasks"]["hellaswag"]["none"]
     md = (tmp_path / "result.md").read_text()
     assert "| lora |" in md and "pos 16" in md and "Quality gate (lora)" in md
+    assert "| qa | lora |" in md and "| chat | lora |" in md
     assert (tmp_path / "result.png").stat().st_size > 5000
-    # A random tiny model's latents are far from harmless: its gate must fail.
-    assert result["quality_gate"]["lora"]["passed"] is False
+    gate = result["quality_gate"]["lora"]
+    assert set(gate["sets"]) == {"in_domain", "out_of_domain", "qa", "chat"}
+    # A random tiny model's latents are far from harmless: its raw gate must fail.
+    assert gate["passed"] is False
+    # Before the value check has min_contexts figures, no context is served latents.
+    first = ValuePolicy().min_contexts
+    assert saved["text"]["in_domain"]["served_fraction"]["lora"] <= 1 - first / (6 * 8)
+    assert isinstance(gate["passed_with_value_check"], bool)
+
+
+def _gate_result(name: str, ppl_change: float, answer_change: float) -> dict:
+    def row(change: float) -> dict:
+        cell = {"change": change, "ci_low": change - 0.01, "ci_high": change + 0.001}
+        return {"8": cell, "16": cell}
+
+    def effect(change: float) -> dict:
+        return {"change": change, "ci_low": change - 0.01, "ci_high": change + 0.001}
+
+    text = {
+        "n_docs": 1,
+        "perplexity": {name: row(ppl_change), "none": {}},
+        "perplexity_with_value_check": {name: row(0.0), "none": {}},
+        "served_fraction": {name: 0.5},
+    }
+    serving = {"n": 1, "acc_none": 0.5, name: {"raw": effect(answer_change),
+               "with_value_check": effect(0.0)}}  # fmt: skip
+    return {
+        "text": {"in_domain": text, "out_of_domain": text},
+        "serving": {"qa": serving, "chat": serving},
+    }
+
+
+def test_checkpoint_gate_decides_on_every_set_both_ways() -> None:
+    good = ev.checkpoint_gate(_gate_result("lora", -0.02, -0.02), "lora")
+    assert good["passed"] and good["passed_with_value_check"]
+    harmful_answers = ev.checkpoint_gate(_gate_result("lora", -0.02, +0.03), "lora")
+    assert not harmful_answers["passed"] and harmful_answers["passed_with_value_check"]
+    assert not harmful_answers["sets"]["qa"]["raw"]["passed"]
+    assert harmful_answers["sets"]["in_domain"]["raw"]["passed"]
+    harmful_text = ev.checkpoint_gate(_gate_result("lora", +0.02, -0.02), "lora")
+    assert not harmful_text["passed"] and not harmful_text["sets"]["out_of_domain"]["raw"]["passed"]
 
 
 @pytest.mark.parametrize("name", ["pause", "lora"])
-def test_record_in_checkpoint(tiny_llama: Path, tmp_path: Path, name: str) -> None:
-    from cache_store.fingerprint import decoder_fingerprint
-    from coprocessor_worker.coprocessor import read_meta, save_checkpoint
+def test_record_in_checkpoint_keeps_the_fingerprint(
+    tiny_llama: Path, tmp_path: Path, name: str
+) -> None:
+    from cache_store.checkpoint import CheckpointInfo, read_evaluation
+    from cache_store.fingerprint import checkpoint_fingerprint, decoder_fingerprint
+    from coprocessor_worker.coprocessor import save_checkpoint
 
     model = _models(tiny_llama)[name]
     ckpt = save_checkpoint(
         model, tmp_path / name, decoder_fingerprint=decoder_fingerprint(tiny_llama)
     )
-    assert read_meta(ckpt)["quality_gate"]["passed"] is False
-    row = {
-        "8": {"change": -0.01, "ci_low": -0.02, "ci_high": -0.001},
-        "16": {"change": -0.01, "ci_low": -0.02, "ci_high": 0.0},
-    }
-    result = {
-        "perplexity": {name: row, "none": {}},
-        "n_docs": 1,
-        "tasks": {},
-        "config": {},
-        "quality_gate": {name: ev.quality_gate(row)},
-    }
+    before = checkpoint_fingerprint(ckpt)
+    assert not CheckpointInfo.read(ckpt).gate_passed  # never evaluated
+    result = _gate_result(name, -0.02, -0.02) | {"tasks": {}, "config": {}}
+    result |= {"value_check": {}, "value_policy": {}}
+    result["quality_gate"] = {name: ev.checkpoint_gate(result, name)}
     ev.record_in_checkpoint(ckpt, name, result)
-    meta = read_meta(ckpt)
-    assert meta["quality_gate"]["passed"] is True
-    assert meta["evaluation"]["held_out_perplexity_change"]["8"]["change"] == -0.01
+    evaluation, gate = read_evaluation(ckpt)
+    assert gate["passed"] and gate["passed_with_value_check"]
+    assert evaluation["serving"]["qa"]["raw"]["change"] == -0.02
+    info = CheckpointInfo.read(ckpt)
+    assert info.gate(value_check=True) and info.gate(value_check=False)
+    # Recording an evaluation changes no prefix key: stored payloads stay valid.
+    assert checkpoint_fingerprint(ckpt) == before == info.fingerprint
+
+
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path: Path) -> None:
+    from cache_store.checkpoint import CheckpointInfo
+
+    (tmp_path / "deliberate.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ValueError, match="format 99"):
+        CheckpointInfo.read(tmp_path)
 
 
 def test_read_log_keeps_the_last_record_of_a_resumed_step(tmp_path: Path) -> None:

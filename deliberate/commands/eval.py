@@ -5,9 +5,11 @@
                                                    # into CKPT/deliberate.json
   deliberate eval --curves RUN1 RUN2 --out plots/  # held-out curves of training runs
 
-Held-out perplexity change at ahead positions 1, 2, 4, 8, 16 (paired bootstrap CIs over
-documents), log-likelihood accuracy on ARC-Easy, HellaSwag and LAMBADA with latents inserted
-after the context. Writes OUT/result.json, OUT/result.md and OUT/result.png.
+Held-out perplexity change at ahead positions 1, 2, 4, 8, 16 on in-domain and out-of-domain
+text (paired bootstrap CIs over documents), the serving form (passage, question, answer; plain
+and through the chat template), each raw and as served with the value check, and
+log-likelihood accuracy on ARC-Easy, HellaSwag and LAMBADA. Writes OUT/result.json,
+OUT/result.md and OUT/result.png.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mc-items", type=int, default=200, help="items per accuracy set")
     parser.add_argument("--positions-per-doc", type=int, default=8)
     parser.add_argument(
+        "--n-ood-docs",
+        type=int,
+        default=150,
+        help="out-of-domain documents (the Python reference shipped in CPython; 0: skip)",
+    )
+    parser.add_argument(
+        "--qa-items",
+        type=int,
+        default=300,
+        help="held-out passage/question/answer items, each scored in the QA and chat form",
+    )
+    parser.add_argument(
         "--corpus",
         nargs="+",
         default=None,
@@ -75,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--record",
         action="store_true",
-        help="write evaluation + quality gate into each checkpoint's deliberate.json",
+        help="write evaluation + quality gate into each checkpoint's evaluation.json",
     )
     add_settings_flags(parser, "cache_dir", "model")
 
@@ -118,12 +132,16 @@ def run(args: argparse.Namespace) -> int:
 
         docs = corpus_documents(args.corpus, "held_out")
     cfg = EvalConfig(
-        n_docs=args.n_docs, mc_items=args.mc_items, positions_per_doc=args.positions_per_doc
+        n_docs=args.n_docs,
+        mc_items=args.mc_items,
+        positions_per_doc=args.positions_per_doc,
+        n_ood_docs=args.n_ood_docs,
+        qa_items=args.qa_items,
     )
     result = evaluate(models, tokenizer, cfg, args.out, list(args.tasks), docs)
     print((args.out / "result.md").read_text())
     if args.record:
         for name, path in named:
             record_in_checkpoint(path, name, result)
-            print(f"recorded evaluation and quality gate in {path / 'deliberate.json'}")
+            print(f"recorded evaluation and quality gate in {path / 'evaluation.json'}")
     return 0
