@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cache_store.payload import encode_payload
 from cache_store.store import AugmentationStore
-from cache_store.types import Delivery
+from cache_store.types import Delivery, Job
+from cache_store.value import ValueFigure, ValuePolicy, confidently_harmful
+from coprocessor_worker.coprocessor import ValueCheck
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,9 @@ class LatentModel(Protocol):
     @property
     def n_latents(self) -> int: ...
 
-    def latents(self, prefixes: Sequence[Sequence[int]]) -> list[torch.Tensor]: ...
+    def latents_with_value(
+        self, prefixes: Sequence[Sequence[int]], check: ValueCheck
+    ) -> list[tuple[torch.Tensor, ValueFigure | None]]: ...
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.jobs = Counter(
             "deliberate_worker_jobs_total",
-            "Jobs finished by outcome (done, failed, released, error)",
+            "Jobs finished by outcome (done, declined, failed, released, error)",
             ["outcome"],
             registry=registry,
         )
@@ -72,6 +77,19 @@ class WorkerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry,
         )
+        self.value_change = Histogram(
+            "deliberate_worker_value_change_ratio",
+            "The value check's measured perplexity change per context (< 0: latents help)",
+            buckets=(-0.2, -0.1, -0.05, -0.02, -0.01, 0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
+            registry=registry,
+        )
+        self.value_estimate = Gauge(
+            "deliberate_worker_value_estimate_ratio",
+            "Running value-check estimate of the perplexity change over all tenants, and its "
+            "upper confidence bound (what the serve/decline rule reads)",
+            ["bound"],
+            registry=registry,
+        )
         self.queue_lag = Gauge(
             "deliberate_worker_queue_lag_seconds",
             "How long the oldest job of the latest claim waited in the queue (0 when a claim "
@@ -79,7 +97,7 @@ class WorkerMetrics:
             registry=registry,
         )
         # Every outcome from the start, so rates and alerts see zeros, not absent series.
-        for outcome in ("done", "failed", "released", "error"):
+        for outcome in ("done", "declined", "failed", "released", "error"):
             self.jobs.labels(outcome=outcome)
 
 
@@ -127,12 +145,16 @@ class AugmentationWorker:
         consumer: str,
         limits: WorkerLimits,
         metrics: WorkerMetrics,
+        check: ValueCheck | None = None,
+        policy: ValuePolicy | None = None,
     ) -> None:
         self.store = store
         self.model = model
         self.consumer = consumer
         self.limits = limits
         self.metrics = metrics
+        self.check = check or ValueCheck()
+        self.policy = policy or ValuePolicy()
         self.ready = False
         self.outcomes: collections.Counter[str] = collections.Counter()
         """Jobs by outcome in this process (the metric's values, readable without scraping)."""
@@ -198,20 +220,50 @@ class AugmentationWorker:
         started = time.perf_counter()
         # The forward passes hold the GIL rarely; a thread keeps the event loop (and, in the
         # embedded server, request handling) responsive meanwhile.
-        latents = await asyncio.to_thread(self.model.latents, [d.job.token_ids for d in batch])
+        results = await asyncio.to_thread(
+            self.model.latents_with_value, [d.job.token_ids for d in batch], self.check
+        )
         self.metrics.compute_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
-        for delivery, tensor in zip(batch, latents, strict=True):
+        for delivery, (tensor, figure) in zip(batch, results, strict=True):
             job = delivery.job
+            if figure is not None:
+                # Recorded before the payload is published, so a server that sees the hit
+                # already counts this context's evidence.
+                await self.store.record_value(job.coprocessor_fp, job.tenant, figure.delta)
+                self.metrics.value_change.observe(figure.relative_change)
+            if confidently_harmful(figure, self.policy):
+                assert figure is not None
+                await self.store.decline(delivery, figure, _decline_reason(figure))
+                self._count("declined")
+                continue
             payload = encode_payload(
                 tensor,
                 key=job.key,
                 decoder_fp=job.decoder_fp,
                 coprocessor_fp=job.coprocessor_fp,
                 prefix_len=job.prefix_len,
+                value=figure,
             )
             await self.store.publish(delivery, payload)
             self._count("done")
+        await self._refresh_value_gauges(batch[0].job)
+
+    async def _refresh_value_gauges(self, job: Job) -> None:
+        _, overall = await self.store.value_estimates(job.coprocessor_fp, job.tenant)
+        if overall.n:
+            self.metrics.value_estimate.labels("mean").set(math.expm1(overall.mean))
+            upper = overall.upper(self.policy.z)
+            if math.isfinite(upper):
+                self.metrics.value_estimate.labels("upper").set(math.expm1(upper))
+
+
+def _decline_reason(figure: ValueFigure) -> str:
+    return (
+        f"the value check measured {figure.relative_change:+.1%} perplexity on this context's "
+        f"own tail ({figure.tokens} tokens, standard error {figure.std_error:.3f} nats): "
+        "confidently harmful, answered plainly"
+    )
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -26,6 +26,7 @@ from deliberate.wiring import (
     make_store,
     make_worker,
     stop_on_signals,
+    value_policy,
 )
 from server.app import ServerState, create_app
 from server.augmentation import Augmenter
@@ -50,10 +51,11 @@ async def serve(settings: Settings) -> None:
     checkpoint = CheckpointInfo.read(coprocessor_dir(settings))
     fingerprint = decoder_fingerprint(model_dir)
     checkpoint.require_decoder(fingerprint)  # before the slow engine start, not after
-    if not checkpoint.gate_passed:
+    if not checkpoint.gate(settings.value_check):
         log.warning(
-            "coprocessor %s did not pass its quality gate (%s): latents are %s",
+            "coprocessor %s did not pass its quality gate %s (%s): latents are %s",
             checkpoint.path,
+            "with the value check" if settings.value_check else "without the value check",
             checkpoint.gate_rule,
             "applied anyway (--allow-unvalidated-coprocessor)"
             if settings.allow_unvalidated_coprocessor
@@ -73,6 +75,8 @@ async def serve(settings: Settings) -> None:
         lookup_timeout_s=settings.lookup_timeout_seconds,
         max_wait_s=settings.max_augment_wait_seconds,
         allow_unvalidated=settings.allow_unvalidated_coprocessor,
+        value_policy=value_policy(settings),
+        value_refresh_s=settings.value_refresh_seconds,
         metrics=metrics,
     )
     worker_stop = asyncio.Event()

@@ -86,6 +86,24 @@ class Settings(BaseSettings):
         description="apply latents even from a checkpoint whose recorded evaluation failed "
         "the quality gate (status otherwise: skipped-unvalidated)",
     )
+    value_check: bool = Field(
+        True,
+        description="serve latents only where the workers' value check shows no harm: per "
+        "tenant (else overall) running estimate's upper bound, and single contexts whose own "
+        "figure is confidently harmful declined (status declined); off: serve every payload",
+    )
+    value_min_contexts: int = Field(
+        20, ge=1, description="value-check figures needed before an estimate is trusted"
+    )
+    value_tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        description="largest perplexity change (0.005 = +0.5%) the estimate's upper bound may "
+        "show while latents are served",
+    )
+    value_refresh_seconds: float = Field(
+        2.0, gt=0, description="how long a server reuses a tenant's value-check verdict"
+    )
     embedded_worker: bool | None = Field(
         None,
         description="run the worker loop inside the server; default: only with the in-memory store",

@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from cache_store import AugmentationStore, open_store
+from cache_store.value import ValuePolicy
 from coprocessor_worker.coprocessor import Coprocessor, bundled_checkpoint_dir
 from coprocessor_worker.worker import AugmentationWorker, WorkerLimits, WorkerMetrics
 from deliberate.models import resolve_decoder
@@ -29,6 +30,15 @@ def decoder_dir(settings: Settings) -> Path:
 
 def coprocessor_dir(settings: Settings) -> Path:
     return settings.coprocessor or bundled_checkpoint_dir()
+
+
+def value_policy(settings: Settings) -> ValuePolicy:
+    """The serve/decline rule both the server and the workers apply (cache_store.value)."""
+    return ValuePolicy(
+        enabled=settings.value_check,
+        min_contexts=settings.value_min_contexts,
+        tolerance=settings.value_tolerance,
+    )
 
 
 def make_store(settings: Settings, registry: CollectorRegistry) -> AugmentationStore:
@@ -83,7 +93,12 @@ def make_worker(
     )
     consumer = settings.worker_consumer or f"{socket.gethostname()}-{os.getpid()}"
     return AugmentationWorker(
-        store, model, consumer=consumer, limits=limits, metrics=WorkerMetrics(registry)
+        store,
+        model,
+        consumer=consumer,
+        limits=limits,
+        metrics=WorkerMetrics(registry),
+        policy=value_policy(settings),
     )
 
 

@@ -26,6 +26,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from cache_store.errors import StoreError
 from cache_store.keys import validate_key
+from cache_store.value import ValueFigure
 from server.augmentation import Augmenter, Plan
 from server.metrics import ServerMetrics
 from server.prompts import PromptParts, Tokenizer, split_chat, split_completion
@@ -247,9 +248,22 @@ def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
             "state": status.state.value,
             "reason": status.reason,
             "attempts": status.attempts,
+            "value": _value_body(status.value),
         }
 
     return app
+
+
+def _value_body(figure: ValueFigure | None) -> dict[str, Any] | None:
+    """The value check's figure of a key's latents, as the worker measured it."""
+    if figure is None:
+        return None
+    return {
+        "perplexity_change": figure.relative_change,
+        "delta_nats": figure.delta,
+        "std_error_nats": figure.std_error,
+        "tokens": figure.tokens,
+    }
 
 
 def _check_model(state: ServerState, body: GenerationRequest) -> None:

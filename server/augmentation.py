@@ -1,8 +1,11 @@
-"""Deciding, per request, whether the decoder sees latents (DESIGN §4.3-4.7).
+"""Deciding, per request, whether the decoder sees latents (docs/architecture.md).
 
 The request path never waits on the store for more than a few milliseconds: a lookup that is
 slow or fails is answered plainly and counted. On a hit the prompt becomes
-`embed(context) ++ latents ++ embed(rest)`; on a miss it stays token ids and a job is queued.
+`embed(context) ++ latents ++ embed(rest)`, unless the value check declines them (the
+tenant's running estimate does not show them harmless yet, or this context's own figure is
+confidently harmful): then, as on a miss, it stays token ids. Misses queue a job either way,
+so the evidence the value check needs keeps coming in.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch
 
 from cache_store.checkpoint import CheckpointInfo
 from cache_store.errors import StoreError
-from cache_store.payload import PayloadExpectation
+from cache_store.payload import Payload, PayloadExpectation
 from cache_store.store import AugmentationStore
 from cache_store.types import EnqueueOutcome, Job, KeyState, KeyStatus
+from cache_store.value import ValuePolicy, Verdict, confidently_harmful, verdict
 from server.embeddings import EmbeddingTable
 from server.metrics import ServerMetrics
 
@@ -34,6 +38,7 @@ class AugmentationStatus(enum.StrEnum):
     TOO_SHORT = "too-short"
     STORE_UNAVAILABLE = "store-unavailable"
     SKIPPED_UNVALIDATED = "skipped-unvalidated"
+    DECLINED = "declined"
 
 
 _ENQUEUE_STATUS = {
@@ -43,6 +48,7 @@ _ENQUEUE_STATUS = {
     EnqueueOutcome.ALREADY_READY: AugmentationStatus.MISS_ENQUEUED,
     EnqueueOutcome.QUEUE_FULL: AugmentationStatus.MISS_QUEUE_FULL,
     EnqueueOutcome.FAILED: AugmentationStatus.MISS_FAILED,
+    EnqueueOutcome.DECLINED: AugmentationStatus.DECLINED,
 }
 
 
@@ -55,9 +61,12 @@ class Plan:
     key: str | None
     n_latents: int
     prompt_tokens: int
+    reason: str | None = None
+    """Why latents were declined (status declined)."""
 
     def describe(self) -> dict[str, Any]:
-        return {"status": self.status.value, "key": self.key, "n_latents": self.n_latents}
+        described = {"status": self.status.value, "key": self.key, "n_latents": self.n_latents}
+        return described | ({"reason": self.reason} if self.reason else {})
 
 
 class Augmenter:
@@ -75,6 +84,8 @@ class Augmenter:
         lookup_timeout_s: float,
         max_wait_s: float,
         allow_unvalidated: bool,
+        value_policy: ValuePolicy,
+        value_refresh_s: float,
         metrics: ServerMetrics,
     ) -> None:
         coprocessor.require_decoder(decoder_fp)
@@ -91,7 +102,10 @@ class Augmenter:
         self.min_context_tokens = min_context_tokens
         self.lookup_timeout_s = lookup_timeout_s
         self.max_wait_s = max_wait_s
-        self.use_latents = coprocessor.gate_passed or allow_unvalidated
+        self.use_latents = coprocessor.gate(value_policy.enabled) or allow_unvalidated
+        self.value_policy = value_policy
+        self.value_refresh_s = value_refresh_s
+        self._verdicts: dict[str, tuple[float, Verdict]] = {}
         self.metrics = metrics
 
     @property
@@ -117,8 +131,10 @@ class Augmenter:
     ) -> Plan:
         plain_ids = context_ids + rest_ids
 
-        def plain(status: AugmentationStatus, key: str | None = None) -> Plan:
-            return Plan({"prompt_token_ids": plain_ids}, status, key, 0, len(plain_ids))
+        def plain(
+            status: AugmentationStatus, key: str | None = None, reason: str | None = None
+        ) -> Plan:
+            return Plan({"prompt_token_ids": plain_ids}, status, key, 0, len(plain_ids), reason)
 
         if not context_ids:
             return plain(AugmentationStatus.NO_CONTEXT)
@@ -131,20 +147,24 @@ class Augmenter:
 
         job = self.job_for(context_ids, tenant)
         try:
-            latents = await self._lookup(job)
-            if latents is None:
+            payload = await self._lookup(job)
+            if payload is None:
                 outcome = await self._bounded(self.store.enqueue(job), "enqueue")
                 if wait_s > 0 and outcome in (
                     EnqueueOutcome.ENQUEUED,
                     EnqueueOutcome.ALREADY_PENDING,
                     EnqueueOutcome.ALREADY_READY,
                 ):
-                    latents = await self._wait_and_fetch(job, min(wait_s, self.max_wait_s))
-                if latents is None:
+                    payload = await self._wait_and_fetch(job, min(wait_s, self.max_wait_s))
+                if payload is None:
                     return plain(_ENQUEUE_STATUS[outcome], job.key)
+            refusal = await self._value_refusal(job, payload)
         except (StoreError, TimeoutError):
             # Counted as deliberate_requests_total{status="store-unavailable"}.
             return plain(AugmentationStatus.STORE_UNAVAILABLE, job.key)
+        if refusal is not None:
+            return plain(AugmentationStatus.DECLINED, job.key, refusal)
+        latents = payload.latents.to(self.embeddings.weight.dtype)
 
         prompt_embeds = torch.cat(
             [self.embeddings.embed(context_ids), latents, self.embeddings.embed(rest_ids)]
@@ -165,11 +185,27 @@ class Augmenter:
         finally:
             self.metrics.store_lookup_seconds.labels(op=op).observe(time.perf_counter() - started)
 
-    async def _lookup(self, job: Job) -> torch.Tensor | None:
-        payload = await self._bounded(self.store.get_payload(job.key, self.expectation(job)), "get")
-        return None if payload is None else payload.latents.to(self.embeddings.weight.dtype)
+    async def _lookup(self, job: Job) -> Payload | None:
+        return await self._bounded(self.store.get_payload(job.key, self.expectation(job)), "get")
 
-    async def _wait_and_fetch(self, job: Job, wait_s: float) -> torch.Tensor | None:
+    async def _value_refusal(self, job: Job, payload: Payload) -> str | None:
+        """Why these latents must not be served (the value check, cache_store.value), or
+        None. A tenant's verdict is re-read from the store at most every value_refresh_s."""
+        if not self.value_policy.enabled:
+            return None
+        if confidently_harmful(payload.value, self.value_policy):
+            return "the value check found these latents confidently harmful on this context"
+        now = time.monotonic()
+        cached = self._verdicts.get(job.tenant)
+        if cached is None or cached[0] <= now:
+            tenant_est, overall = await self._bounded(
+                self.store.value_estimates(job.coprocessor_fp, job.tenant), "value"
+            )
+            cached = (now + self.value_refresh_s, verdict(tenant_est, overall, self.value_policy))
+            self._verdicts[job.tenant] = cached
+        return None if cached[1].serve else cached[1].reason
+
+    async def _wait_and_fetch(self, job: Job, wait_s: float) -> Payload | None:
         status = await self.store.wait_ready(job.key, wait_s)
         if status.state is not KeyState.READY:
             return None

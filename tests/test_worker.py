@@ -228,7 +228,9 @@ async def pool_store(module_redis: RedisServer) -> AsyncIterator[AugmentationSto
 @pytest.fixture(scope="module")
 def coprocessor(bundled_decoder: Path, coprocessor_checkpoint: Path) -> Coprocessor:
     torch.set_num_threads(1)  # the worker processes need the other core
-    return Coprocessor.load(coprocessor_checkpoint, bundled_decoder, dtype=torch.float32)
+    return Coprocessor.load(
+        coprocessor_checkpoint, bundled_decoder, dtype=torch.float32, compute_dtype=torch.float32
+    )
 
 
 # --------------------------------------------------------------------------- the pool
