@@ -151,9 +151,7 @@ class MemoryStore(AugmentationStore):
         now = time.monotonic()
         stored = self._payloads.get(key, now)
         if stored is not None:
-            return KeyStatus(
-                KeyState.READY, None, stored.attempts, stored.updated_at, stored.value
-            )
+            return KeyStatus(KeyState.READY, None, stored.attempts, stored.updated_at, stored.value)
         record = self._records.get(key, now)
         if record is not None and record.state in (KeyState.FAILED, KeyState.DECLINED):
             return KeyStatus(

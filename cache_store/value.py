@@ -95,9 +95,7 @@ class Verdict:
 
 def verdict(tenant: ValueEstimate, overall: ValueEstimate, policy: ValuePolicy) -> Verdict:
     """Whether to serve latents to a tenant, from its running estimate and the global one."""
-    scope, estimate = (
-        ("tenant", tenant) if tenant.n >= policy.min_contexts else ("global", overall)
-    )
+    scope, estimate = ("tenant", tenant) if tenant.n >= policy.min_contexts else ("global", overall)
     if not policy.enabled:
         return Verdict(True, "value check off", estimate, scope)
     if estimate.n < policy.min_contexts:
