@@ -90,6 +90,7 @@ class _Stored:
     data: bytes
     attempts: int
     updated_at: float
+    tenant: str | None = None
 
 
 @dataclass(slots=True)
@@ -100,6 +101,7 @@ class _Record:
     reason: str | None
     attempts: int
     updated_at: float
+    tenant: str | None = None
 
 
 @dataclass(slots=True)
@@ -147,14 +149,21 @@ class MemoryStore(AugmentationStore):
         now = time.monotonic()
         stored = self._payloads.get(key, now)
         if stored is not None:
-            return KeyStatus(KeyState.READY, None, stored.attempts, stored.updated_at)
+            return KeyStatus(
+                KeyState.READY, None, stored.attempts, stored.updated_at, stored.tenant
+            )
         record = self._records.get(key, now)
         if record is not None and record.state is KeyState.FAILED:
-            return KeyStatus(KeyState.FAILED, record.reason, record.attempts, record.updated_at)
-        if self._claims.get(key, now) is not None:
+            return KeyStatus(
+                KeyState.FAILED, record.reason, record.attempts, record.updated_at, record.tenant
+            )
+        stream_id = self._claims.get(key, now)
+        if stream_id is not None:
             attempts = record.attempts if record is not None else 0
             updated = record.updated_at if record is not None else None
-            return KeyStatus(KeyState.PENDING, None, attempts, updated)
+            entry = self._entries.get(stream_id)
+            tenant = entry.job.tenant if entry is not None else None
+            return KeyStatus(KeyState.PENDING, None, attempts, updated, tenant)
         return KeyStatus(KeyState.ABSENT)
 
     async def _status(self, key: str) -> KeyStatus:
@@ -239,7 +248,7 @@ class MemoryStore(AugmentationStore):
                 continue
             self._records.set(
                 entry.job.key,
-                _Record(KeyState.PENDING, None, entry.deliveries, time.time()),
+                _Record(KeyState.PENDING, None, entry.deliveries, time.time(), entry.job.tenant),
                 now + self.config.pending_ttl_s,
             )
             deliveries.append(delivery)
@@ -266,7 +275,9 @@ class MemoryStore(AugmentationStore):
 
     async def _publish(self, delivery: Delivery, payload_bytes: bytes) -> None:
         key = delivery.job.key
-        self._write_payload(key, _Stored(payload_bytes, delivery.deliveries, time.time()))
+        self._write_payload(
+            key, _Stored(payload_bytes, delivery.deliveries, time.time(), delivery.job.tenant)
+        )
         self._records.pop(key)
         self._claims.pop(key)
         self._remove_entry(delivery.stream_id)
@@ -287,7 +298,7 @@ class MemoryStore(AugmentationStore):
         )
         self._records.set(
             key,
-            _Record(KeyState.FAILED, reason, delivery.deliveries, now),
+            _Record(KeyState.FAILED, reason, delivery.deliveries, now, delivery.job.tenant),
             time.monotonic() + self.config.failed_ttl_s,
         )
         self._claims.pop(key)

@@ -61,7 +61,7 @@ _UNCONFIRMED_CLAIM_S = 30.0
 
 RedisClient = aioredis.Redis | aioredis.RedisCluster
 
-# KEYS: payload, state, claim. ARGV: token, pending ttl ms, stale ms.
+# KEYS: payload, state, claim. ARGV: token, pending ttl ms, stale ms, tenant.
 # The claim is the dedup: SET NX with expiry. Its value is "t:<token>:<redis ms>" until the
 # job is on the stream, then "j:<entry id>". A "t:" claim older than stale ms belongs to an
 # enqueue that died between its two steps (e.g. a timeout during an outage); it is taken
@@ -73,11 +73,17 @@ if redis.call('HGET', KEYS[2], 'state') == 'failed' then return 'failed' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local value = 't:' .. ARGV[1] .. ':' .. now
-if redis.call('SET', KEYS[3], value, 'NX', 'PX', ARGV[2]) then return 'claimed' end
+local function owned()
+  -- The tenant is recorded with the key, so status lookups can be scoped to it.
+  redis.call('HSET', KEYS[2], 'tenant', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 'claimed'
+end
+if redis.call('SET', KEYS[3], value, 'NX', 'PX', ARGV[2]) then return owned() end
 local born = tonumber(string.match(redis.call('GET', KEYS[3]) or '', '^t:%x+:(%d+)$'))
 if born and now - born >= tonumber(ARGV[3]) then
   redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
-  return 'claimed'
+  return owned()
 end
 return 'pending'
 """
@@ -118,31 +124,33 @@ if v and redis.sha1hex(v) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS: payload, state, claim. ARGV: payload, ttl ms, attempts, now.
+# KEYS: payload, state, claim. ARGV: payload, ttl ms, attempts, now, tenant.
 _PUBLISH = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'state', 'ready', 'attempts', ARGV[3], 'updated_at', ARGV[4])
+redis.call('HSET', KEYS[2], 'state', 'ready', 'attempts', ARGV[3], 'updated_at', ARGV[4],
+           'tenant', ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
 return 1
 """
 
-# KEYS: state, claim. ARGV: reason, attempts, ttl ms, now.
+# KEYS: state, claim. ARGV: reason, attempts, ttl ms, now, tenant.
 _MARK_FAILED = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[1], 'attempts', ARGV[2],
-           'updated_at', ARGV[4])
+           'updated_at', ARGV[4], 'tenant', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: state. ARGV: attempts, now, ttl ms. A stale redelivery must not hide a result.
+# KEYS: state. ARGV: attempts, now, ttl ms, tenant. A stale redelivery must not hide a result.
 _MARK_PENDING = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if s == 'ready' or s == 'failed' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'pending', 'attempts', ARGV[1], 'updated_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'pending', 'attempts', ARGV[1], 'updated_at', ARGV[2],
+           'tenant', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
@@ -209,8 +217,25 @@ class RedisStore(AugmentationStore):
         rex.ReadOnlyError,
         rex.OutOfMemoryError,
         rex.RedisClusterException,
+        # Error replies: MISCONF, BUSY, OOM, NOPERM, READONLY, LOADING, ... The primitives
+        # catch the replies they expect (NOGROUP, BUSYGROUP) before this; any other is the
+        # server refusing the work, which for callers is the store being unavailable.
+        rex.ResponseError,
         OSError,
     )
+    _refusal_errors = (rex.ResponseError,)
+    # redis-py strips the code from the replies it has a class for.
+    _REPLY_CODES: tuple[tuple[type[BaseException], str], ...] = (
+        (rex.OutOfMemoryError, "OOM"),
+        (rex.NoPermissionError, "NOPERM"),
+        (rex.ReadOnlyError, "READONLY"),
+    )
+
+    def _refusal_code(self, exc: BaseException) -> str:
+        for cls, code in self._REPLY_CODES:
+            if isinstance(exc, cls):
+                return code
+        return super()._refusal_code(exc)
 
     def __init__(self, client: RedisClient, config: StoreConfig, metrics: StoreMetrics) -> None:
         super().__init__(config, metrics)
@@ -273,14 +298,19 @@ class RedisStore(AugmentationStore):
         state = {_text(k): _text(v) for k, v in _fields(raw_state).items()}
         attempts = int(state.get("attempts", 0))
         updated_at = float(state["updated_at"]) if "updated_at" in state else None
+        tenant = state.get("tenant")
         if has_payload:
-            return KeyStatus(KeyState.READY, None, attempts, updated_at)
+            return KeyStatus(KeyState.READY, None, attempts, updated_at, tenant)
         if state.get("state") == KeyState.FAILED.value:
-            return KeyStatus(KeyState.FAILED, state.get("reason"), attempts, updated_at)
+            return KeyStatus(KeyState.FAILED, state.get("reason"), attempts, updated_at, tenant)
         if has_claim:
             pending = state.get("state") == KeyState.PENDING.value
             return KeyStatus(
-                KeyState.PENDING, None, attempts if pending else 0, updated_at if pending else None
+                KeyState.PENDING,
+                None,
+                attempts if pending else 0,
+                updated_at if pending else None,
+                tenant,
             )
         return KeyStatus(KeyState.ABSENT)
 
@@ -293,7 +323,7 @@ class RedisStore(AugmentationStore):
             await self._run(
                 "enqueue_claim",
                 [payload_key(job.key), state_key(job.key), claim],
-                [token, _ms(self.config.pending_ttl_s), _ms(_UNCONFIRMED_CLAIM_S)],
+                [token, _ms(self.config.pending_ttl_s), _ms(_UNCONFIRMED_CLAIM_S), job.tenant],
             )
         )
         if verdict != "claimed":
@@ -370,7 +400,7 @@ class RedisStore(AugmentationStore):
                 self._run(
                     "mark_pending",
                     [state_key(d.job.key)],
-                    [d.deliveries, repr(time.time()), _ms(self.config.pending_ttl_s)],
+                    [d.deliveries, repr(time.time()), _ms(self.config.pending_ttl_s), d.job.tenant],
                 )
                 for d in deliveries
             )
@@ -432,7 +462,13 @@ class RedisStore(AugmentationStore):
         await self._run(
             "publish",
             [payload_key(key), state_key(key), claim_key(key)],
-            [payload_bytes, _ms(self.config.payload_ttl_s), delivery.deliveries, repr(time.time())],
+            [
+                payload_bytes,
+                _ms(self.config.payload_ttl_s),
+                delivery.deliveries,
+                repr(time.time()),
+                delivery.job.tenant,
+            ],
         )
         # The payload is stored before the ack: a crash in between only causes a harmless
         # redelivery, never an acked job without a payload.
@@ -444,7 +480,13 @@ class RedisStore(AugmentationStore):
         await self._run(
             "mark_failed",
             [state_key(key), claim_key(key)],
-            [reason, delivery.deliveries, _ms(self.config.failed_ttl_s), repr(time.time())],
+            [
+                reason,
+                delivery.deliveries,
+                _ms(self.config.failed_ttl_s),
+                repr(time.time()),
+                delivery.job.tenant,
+            ],
         )
         await self._bury(
             delivery.stream_id, key, reason, delivery.deliveries, delivery.job.to_json(),
@@ -534,10 +576,7 @@ class RedisStore(AugmentationStore):
                     connection.register_connect_callback(self._on_events_reconnect)
                 # Events published while we were not subscribed are lost: re-check all.
                 self._notify_all()
-                while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._on_event(message["data"])
+                await self._follow(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -549,6 +588,33 @@ class RedisStore(AugmentationStore):
                     await asyncio.wait_for(pubsub.aclose(), self.config.op_timeout_s)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _follow(self, pubsub: Any) -> None:
+        """Read events until the store closes. Health check: after events_health_check_s
+        without traffic, PING; no answer within op_timeout_s means the connection is dead
+        or hung (a frozen Redis keeps the socket open), so raise and reconnect, while
+        waiters fall back to polling."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.events_health_check_s
+        heard = loop.time()
+        pinged: float | None = None
+        while not self._closed:
+            wait = min(1.0, interval)
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            now = loop.time()
+            if message is not None:
+                heard, pinged = now, None
+                if message.get("type") == "message":
+                    self._on_event(message["data"])
+                continue
+            if pinged is not None and now - pinged > self.config.op_timeout_s:
+                raise rex.ConnectionError(
+                    f"events connection: no answer to PING in {self.config.op_timeout_s} s"
+                )
+            if pinged is None and now - heard >= interval:
+                async with asyncio.timeout(self.config.op_timeout_s):
+                    await pubsub.ping()
+                pinged = now
 
     def _on_events_reconnect(self, _connection: object) -> None:
         self.subscriptions += 1
