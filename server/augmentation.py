@@ -133,7 +133,9 @@ class Augmenter:
         try:
             latents = await self._lookup(job)
             if latents is None:
-                outcome = await self._bounded(self.store.enqueue(job), "enqueue")
+                outcome = await self._bounded(
+                    self.store.enqueue(job, timeout_s=self.lookup_timeout_s), "enqueue"
+                )
                 if wait_s > 0 and outcome in (
                     EnqueueOutcome.ENQUEUED,
                     EnqueueOutcome.ALREADY_PENDING,
@@ -143,7 +145,9 @@ class Augmenter:
                 if latents is None:
                     return plain(_ENQUEUE_STATUS[outcome], job.key)
         except (StoreError, TimeoutError):
-            # Counted as deliberate_requests_total{status="store-unavailable"}.
+            # The store turns every backend failure (outage, hang, error reply, open circuit
+            # breaker) into a StoreError. Counted as
+            # deliberate_requests_total{status="store-unavailable"}.
             return plain(AugmentationStatus.STORE_UNAVAILABLE, job.key)
 
         prompt_embeds = torch.cat(
@@ -158,15 +162,20 @@ class Augmenter:
         )
 
     async def _bounded(self, call: Any, op: str) -> Any:
-        """A store call on the request path: a few milliseconds, or treated as unavailable."""
+        """A store call on the request path: a few milliseconds, or treated as unavailable.
+        The store bounds the call itself (timeout_s), so that it counts the timeout and
+        its circuit breaker sees it; this outer bound is only a backstop."""
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(call, self.lookup_timeout_s)
+            return await asyncio.wait_for(call, 2 * self.lookup_timeout_s + 0.05)
         finally:
             self.metrics.store_lookup_seconds.labels(op=op).observe(time.perf_counter() - started)
 
     async def _lookup(self, job: Job) -> torch.Tensor | None:
-        payload = await self._bounded(self.store.get_payload(job.key, self.expectation(job)), "get")
+        payload = await self._bounded(
+            self.store.get_payload(job.key, self.expectation(job), timeout_s=self.lookup_timeout_s),
+            "get",
+        )
         return None if payload is None else payload.latents.to(self.embeddings.weight.dtype)
 
     async def _wait_and_fetch(self, job: Job, wait_s: float) -> torch.Tensor | None:
@@ -184,6 +193,10 @@ class Augmenter:
             n_latents=self.n_latents,
             hidden=self.embeddings.hidden_size,
             dtype=None,
+            # Checked by the store, so a rejection is a miss, counted in
+            # deliberate_store_payload_rejected_total{reason} and the payload discarded.
+            cast_to=self.embeddings.weight.dtype,
+            max_latent_norm=self.coprocessor.latent_norm_max,
         )
 
     async def prewarm(self, context_ids: list[int], tenant: str | None) -> tuple[Job, str]:

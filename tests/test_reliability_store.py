@@ -356,3 +356,28 @@ def test_checkpoint_manifest_bounds_the_latent_norm(tmp_path: Any) -> None:
     (copy / "deliberate.json").write_text(json.dumps({**manifest, "latent_norm_max": -1}))
     with pytest.raises(ValueError, match="latent_norm_max"):
         CheckpointInfo.read(copy)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_status_names_the_tenant_of_the_key_in_every_state(
+    redis_server_factory: ServerFactory, kind: str
+) -> None:
+    harness = StoreHarness(kind, redis_server_factory().url if kind == "redis" else None)
+    store = harness.open()
+    try:
+        ready, failed = make_job(301, tenant="tenant-r"), make_job(302, tenant="tenant-f")
+        assert (await store.status(ready.key)).tenant is None  # absent
+        for job in (ready, failed):
+            await store.enqueue(job)
+            assert (await store.status(job.key)).tenant == job.tenant  # pending, unclaimed
+        deliveries = {d.job.key: d for d in await store.claim_jobs("w", 2, 0.5)}
+        assert len(deliveries) == 2
+        assert (await store.status(ready.key)).tenant == "tenant-r"  # pending, claimed
+        await store.publish(deliveries[ready.key], make_payload(ready))
+        await store.fail(deliveries[failed.key], "poison")
+        assert (await store.status(ready.key)).state.value == "ready"
+        assert (await store.status(ready.key)).tenant == "tenant-r"
+        assert (await store.status(failed.key)).state.value == "failed"
+        assert (await store.status(failed.key)).tenant == "tenant-f"
+    finally:
+        await harness.close()
