@@ -24,6 +24,31 @@ class StoreUnavailable(StoreError):
         )
 
 
+class StoreRefused(StoreUnavailable):
+    """The backend answered, but with an error reply instead of doing the work: Redis's
+    MISCONF (cannot persist), BUSY (a script runs), OOM (maxmemory), NOPERM (ACL), READONLY
+    (a replica), LOADING, and any other error reply. `code` is the reply's first word.
+
+    A StoreUnavailable like any other: the request path answers plainly, the augmentation
+    endpoints answer 503. Operators read the code in the log and in the message.
+    """
+
+    def __init__(self, op: str, backend: str, code: str, cause: BaseException | str) -> None:
+        self.code = code
+        super().__init__(op, backend, f"error reply {code}: {cause}")
+
+
+class CircuitOpen(StoreUnavailable):
+    """Skipped without calling the backend: it failed several times in a row and the store
+    waits out a cool-down before it tries again (counted in
+    deliberate_store_breaker_skipped_total)."""
+
+    def __init__(self, op: str, backend: str, retry_in_s: float) -> None:
+        super().__init__(
+            op, backend, f"circuit open after repeated failures; retry in {retry_in_s:.2f} s"
+        )
+
+
 class PayloadRejected(StoreError):
     """A payload failed verification. `reason` is a short label (used as a metric label)."""
 

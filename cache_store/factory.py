@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
 from prometheus_client import REGISTRY, CollectorRegistry
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -46,6 +46,10 @@ def open_store(
     max_dead_letters: int = 10_000,
     poll_interval_s: float = 0.25,
     memory_capacity_bytes: int = 1 << 30,
+    max_connections: int = 32,
+    breaker_failures: int = 5,
+    breaker_cooldown_s: float = 1.0,
+    events_health_check_s: float = 5.0,
     registry: CollectorRegistry = REGISTRY,
     metrics: StoreMetrics | None = None,
 ) -> AugmentationStore:
@@ -54,7 +58,14 @@ def open_store(
     redis+sentinel://[user:pass@]h1:p1,h2:p2/<master>[/db] (rediss+sentinel:// for TLS),
     redis+cluster://[user:pass@]h1:p1[,h2:p2] (rediss+cluster:// for TLS).
     Connections are made lazily: an unreachable Redis shows up as StoreUnavailable on the
-    first call (call `await store.ping()` to check at start-up)."""
+    first call (call `await store.ping()` to check at start-up).
+
+    `max_connections` bounds the connections of this store (per node on a Cluster): with a
+    single Redis or Sentinel a caller waits for a free one (within its time budget) rather
+    than opening more, so a slow Redis cannot be flooded with connections. The events
+    listener and a worker's blocking claim each hold one; keep it at 4 or more."""
+    if max_connections < 2:
+        raise ValueError(f"max_connections must be at least 2, got {max_connections}")
     config = StoreConfig(
         payload_ttl_s=payload_ttl_s,
         max_queue_length=max_queue_length,
@@ -68,11 +79,15 @@ def open_store(
         max_dead_letters=max_dead_letters,
         poll_interval_s=poll_interval_s,
         memory_capacity_bytes=memory_capacity_bytes,
+        breaker_failures=breaker_failures,
+        breaker_cooldown_s=breaker_cooldown_s,
+        events_health_check_s=events_health_check_s,
     )
     metrics = metrics if metrics is not None else StoreMetrics(registry)
     if url is None or url in ("", "memory://"):
         return MemoryStore(config, metrics)
-    return RedisStore(redis_client(url, op_timeout_s=op_timeout_s), config, metrics)
+    client = redis_client(url, op_timeout_s=op_timeout_s, max_connections=max_connections)
+    return RedisStore(client, config, metrics)
 
 
 @dataclass(frozen=True)
@@ -148,8 +163,9 @@ def _tls_kwargs(parsed: _MultiHostUrl) -> dict[str, object]:
     return options
 
 
-def redis_client(url: str, *, op_timeout_s: float) -> RedisClient:
-    """A redis-py asyncio client for any of the supported URL schemes."""
+def redis_client(url: str, *, op_timeout_s: float, max_connections: int = 32) -> RedisClient:
+    """A redis-py asyncio client for any of the supported URL schemes, with at most
+    `max_connections` connections (per node on a Cluster)."""
     if not url.startswith(SCHEMES):
         raise ValueError(
             f"unsupported store URL {redact(url)}: use one of {', '.join(SCHEMES)}, "
@@ -157,13 +173,22 @@ def redis_client(url: str, *, op_timeout_s: float) -> RedisClient:
         )
     common = _common_kwargs(op_timeout_s)
     if url.startswith(("redis://", "rediss://")):
-        return Redis.from_url(url, **common)
+        # Blocking: past max_connections a command waits for a free connection (bounded by
+        # the store's time budget) instead of opening another. Without it, every command
+        # cut short by a timeout dropped its connection and the next one opened a new one:
+        # 200 timed-out lookups against a hung Redis opened 201 connections.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=op_timeout_s, **common
+        )
+        return Redis.from_pool(pool)
     parsed = _parse_multi_host(url)
     tls = _tls_kwargs(parsed)
     auth = {"username": parsed.username, "password": parsed.password}
     if "+cluster://" in url:
         nodes = [ClusterNode(host, port or 6379) for host, port in parsed.hosts]
-        return RedisCluster(startup_nodes=nodes, **auth, **tls, **common)
+        return RedisCluster(
+            startup_nodes=nodes, max_connections=max_connections, **auth, **tls, **common
+        )
     if not parsed.path:
         raise ValueError(
             f"{redact(url)} names no master: use redis+sentinel://h1:26379,h2:26379/<master>[/db]"
@@ -183,4 +208,6 @@ def redis_client(url: str, *, op_timeout_s: float) -> RedisClient:
         },
         **common,
     )
-    return sentinel.master_for(parsed.path[0], db=db, **auth, **tls)
+    return sentinel.master_for(
+        parsed.path[0], db=db, max_connections=max_connections, **auth, **tls
+    )

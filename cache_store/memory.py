@@ -92,6 +92,7 @@ class _Stored:
     attempts: int
     updated_at: float
     value: ValueFigure | None = None
+    tenant: str | None = None
 
 
 @dataclass(slots=True)
@@ -103,6 +104,7 @@ class _Record:
     attempts: int
     updated_at: float
     value: ValueFigure | None = None
+    tenant: str | None = None
 
 
 @dataclass(slots=True)
@@ -151,16 +153,30 @@ class MemoryStore(AugmentationStore):
         now = time.monotonic()
         stored = self._payloads.get(key, now)
         if stored is not None:
-            return KeyStatus(KeyState.READY, None, stored.attempts, stored.updated_at, stored.value)
+            return KeyStatus(
+                KeyState.READY,
+                attempts=stored.attempts,
+                updated_at=stored.updated_at,
+                value=stored.value,
+                tenant=stored.tenant,
+            )
         record = self._records.get(key, now)
         if record is not None and record.state in (KeyState.FAILED, KeyState.DECLINED):
             return KeyStatus(
-                record.state, record.reason, record.attempts, record.updated_at, record.value
+                record.state,
+                record.reason,
+                record.attempts,
+                record.updated_at,
+                value=record.value,
+                tenant=record.tenant,
             )
-        if self._claims.get(key, now) is not None:
+        stream_id = self._claims.get(key, now)
+        if stream_id is not None:
             attempts = record.attempts if record is not None else 0
             updated = record.updated_at if record is not None else None
-            return KeyStatus(KeyState.PENDING, None, attempts, updated)
+            entry = self._entries.get(stream_id)
+            tenant = entry.job.tenant if entry is not None else None
+            return KeyStatus(KeyState.PENDING, None, attempts, updated, tenant=tenant)
         return KeyStatus(KeyState.ABSENT)
 
     async def _status(self, key: str) -> KeyStatus:
@@ -247,7 +263,13 @@ class MemoryStore(AugmentationStore):
                 continue
             self._records.set(
                 entry.job.key,
-                _Record(KeyState.PENDING, None, entry.deliveries, time.time()),
+                _Record(
+                    KeyState.PENDING,
+                    None,
+                    entry.deliveries,
+                    time.time(),
+                    tenant=entry.job.tenant,
+                ),
                 now + self.config.pending_ttl_s,
             )
             deliveries.append(delivery)
@@ -276,7 +298,9 @@ class MemoryStore(AugmentationStore):
         self, delivery: Delivery, payload_bytes: bytes, value: ValueFigure | None
     ) -> None:
         key = delivery.job.key
-        stored = _Stored(payload_bytes, delivery.deliveries, time.time(), value)
+        stored = _Stored(
+            payload_bytes, delivery.deliveries, time.time(), value, delivery.job.tenant
+        )
         self._write_payload(key, stored)
         self._records.pop(key)
         self._claims.pop(key)
@@ -287,7 +311,14 @@ class MemoryStore(AugmentationStore):
         key = delivery.job.key
         self._records.set(
             key,
-            _Record(KeyState.DECLINED, reason, delivery.deliveries, time.time(), value),
+            _Record(
+                KeyState.DECLINED,
+                reason,
+                delivery.deliveries,
+                time.time(),
+                value,
+                delivery.job.tenant,
+            ),
             time.monotonic() + self.config.declined_ttl_s,
         )
         self._claims.pop(key)
@@ -315,7 +346,7 @@ class MemoryStore(AugmentationStore):
         )
         self._records.set(
             key,
-            _Record(KeyState.FAILED, reason, delivery.deliveries, now),
+            _Record(KeyState.FAILED, reason, delivery.deliveries, now, tenant=delivery.job.tenant),
             time.monotonic() + self.config.failed_ttl_s,
         )
         self._claims.pop(key)

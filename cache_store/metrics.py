@@ -106,3 +106,14 @@ class StoreMetrics:
             "Entries in the dead-letter stream, as of the last queue_stats()",
             registry=registry,
         )
+        self.breaker_skipped = Counter(
+            "deliberate_store_breaker_skipped_total",
+            "Store operations skipped because the circuit breaker was open, by operation",
+            ["op"],
+            registry=registry,
+        )
+        self.breaker_opened = Counter(
+            "deliberate_store_breaker_opened_total",
+            "Times the store's circuit breaker opened (consecutive failures reached the limit)",
+            registry=registry,
+        )

@@ -51,6 +51,7 @@ SHAPE = "shape"
 DIGEST_MISMATCH = "digest_mismatch"
 NON_FINITE = "non_finite"
 TOO_LARGE = "too_large"
+NORM = "norm_out_of_range"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,11 @@ class PayloadExpectation:
     n_latents: int | None = None
     hidden: int | None = None
     dtype: torch.dtype | None = torch.bfloat16
+    cast_to: torch.dtype | None = None
+    """The dtype the reader will use the latents in: they must stay finite after the cast
+    (an fp32 3.4e38 is finite, and Inf in fp16)."""
+    max_latent_norm: float | None = None
+    """Largest L2 norm allowed for any one latent (row), in the cast dtype."""
 
     @classmethod
     def for_job(
@@ -256,6 +262,26 @@ def _check_tensor(
         raise PayloadRejected(SHAPE, f"tensor shape {shape}, expected {want}")
 
 
+def _check_magnitude(latents: torch.Tensor, expected: PayloadExpectation) -> None:
+    """Finite in the dtype the reader uses, and no latent longer than the bound: a payload
+    that passed every other check (a hostile or buggy writer computed its digest) must
+    still not hand the decoder Inf or values far outside what the coprocessor produces."""
+    if expected.cast_to is None and expected.max_latent_norm is None:
+        return
+    cast = latents if expected.cast_to is None else latents.to(expected.cast_to)
+    if not bool(torch.isfinite(cast).all()):
+        raise PayloadRejected(NON_FINITE, f"latents overflow to Inf as {cast.dtype}")
+    if expected.max_latent_norm is not None:
+        # float64: the norm of finite bf16/fp32 rows cannot overflow there.
+        longest = float(cast.to(torch.float64).norm(dim=-1).max())
+        if not longest <= expected.max_latent_norm:
+            raise PayloadRejected(
+                NORM,
+                f"a latent has L2 norm {longest:.4g}, over the bound "
+                f"{expected.max_latent_norm:.4g} (latent_norm_max)",
+            )
+
+
 def decode_payload(data: bytes, *, expected: PayloadExpectation) -> Payload:
     """Parse and verify a payload; raise PayloadRejected(reason) on any mismatch."""
     header, data_start = _read_header(data)
@@ -278,6 +304,7 @@ def decode_payload(data: bytes, *, expected: PayloadExpectation) -> Payload:
         raise PayloadRejected(DIGEST_MISMATCH, "tensor bytes do not match their recorded sha256")
     if not _all_finite(raw, DTYPE_NAMES[latents.dtype]):
         raise PayloadRejected(NON_FINITE, "latents contain NaN or Inf")
+    _check_magnitude(latents, expected)
     try:
         created_at = float(_require(meta, "created_at"))
     except ValueError as exc:

@@ -64,7 +64,7 @@ _UNCONFIRMED_CLAIM_S = 30.0
 
 RedisClient = aioredis.Redis | aioredis.RedisCluster
 
-# KEYS: payload, state, claim. ARGV: token, pending ttl ms, stale ms.
+# KEYS: payload, state, claim. ARGV: token, pending ttl ms, stale ms, tenant.
 # The claim is the dedup: SET NX with expiry. Its value is "t:<token>:<redis ms>" until the
 # job is on the stream, then "j:<entry id>". A "t:" claim older than stale ms belongs to an
 # enqueue that died between its two steps (e.g. a timeout during an outage); it is taken
@@ -77,11 +77,17 @@ if state == 'failed' or state == 'declined' then return state end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local value = 't:' .. ARGV[1] .. ':' .. now
-if redis.call('SET', KEYS[3], value, 'NX', 'PX', ARGV[2]) then return 'claimed' end
+local function owned()
+  -- The tenant is recorded with the key, so status lookups can be scoped to it.
+  redis.call('HSET', KEYS[2], 'tenant', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 'claimed'
+end
+if redis.call('SET', KEYS[3], value, 'NX', 'PX', ARGV[2]) then return owned() end
 local born = tonumber(string.match(redis.call('GET', KEYS[3]) or '', '^t:%x+:(%d+)$'))
 if born and now - born >= tonumber(ARGV[3]) then
   redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
-  return 'claimed'
+  return owned()
 end
 return 'pending'
 """
@@ -122,35 +128,37 @@ if v and redis.sha1hex(v) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS: payload, state, claim. ARGV: payload, ttl ms, attempts, now, then the value-check
-# figure's fields as name, value pairs (none if it was not measured).
+# KEYS: payload, state, claim. ARGV: payload, ttl ms, attempts, now, tenant, then the
+# value-check figure's fields as name, value pairs (none if it was not measured).
 _PUBLISH = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'state', 'ready', 'attempts', ARGV[3], 'updated_at', ARGV[4])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[2], 'state', 'ready', 'attempts', ARGV[3], 'updated_at', ARGV[4],
+           'tenant', ARGV[5])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
 return 1
 """
 
-# KEYS: state, claim. ARGV: state (failed|declined), reason, attempts, ttl ms, now, then the
-# value-check figure's fields as name, value pairs.
+# KEYS: state, claim. ARGV: state (failed|declined), reason, attempts, ttl ms, now, tenant,
+# then the value-check figure's fields as name, value pairs.
 _MARK_FINISHED = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'reason', ARGV[2], 'attempts', ARGV[3],
-           'updated_at', ARGV[5])
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+           'updated_at', ARGV[5], 'tenant', ARGV[6])
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: state. ARGV: attempts, now, ttl ms. A stale redelivery must not hide a result.
+# KEYS: state. ARGV: attempts, now, ttl ms, tenant. A stale redelivery must not hide a result.
 _MARK_PENDING = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if s == 'ready' or s == 'failed' or s == 'declined' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'pending', 'attempts', ARGV[1], 'updated_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'pending', 'attempts', ARGV[1], 'updated_at', ARGV[2],
+           'tenant', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
@@ -217,8 +225,25 @@ class RedisStore(AugmentationStore):
         rex.ReadOnlyError,
         rex.OutOfMemoryError,
         rex.RedisClusterException,
+        # Error replies: MISCONF, BUSY, OOM, NOPERM, READONLY, LOADING, ... The primitives
+        # catch the replies they expect (NOGROUP, BUSYGROUP) before this; any other is the
+        # server refusing the work, which for callers is the store being unavailable.
+        rex.ResponseError,
         OSError,
     )
+    _refusal_errors = (rex.ResponseError,)
+    # redis-py strips the code from the replies it has a class for.
+    _REPLY_CODES: tuple[tuple[type[BaseException], str], ...] = (
+        (rex.OutOfMemoryError, "OOM"),
+        (rex.NoPermissionError, "NOPERM"),
+        (rex.ReadOnlyError, "READONLY"),
+    )
+
+    def _refusal_code(self, exc: BaseException) -> str:
+        for cls, code in self._REPLY_CODES:
+            if isinstance(exc, cls):
+                return code
+        return super()._refusal_code(exc)
 
     def __init__(self, client: RedisClient, config: StoreConfig, metrics: StoreMetrics) -> None:
         super().__init__(config, metrics)
@@ -281,17 +306,26 @@ class RedisStore(AugmentationStore):
         state = {_text(k): _text(v) for k, v in _fields(raw_state).items()}
         attempts = int(state.get("attempts", 0))
         updated_at = float(state["updated_at"]) if "updated_at" in state else None
-        value = _value_from_fields(state)
+        value, tenant = _value_from_fields(state), state.get("tenant")
         if has_payload:
-            return KeyStatus(KeyState.READY, None, attempts, updated_at, value)
+            return KeyStatus(KeyState.READY, None, attempts, updated_at, value=value, tenant=tenant)
         if state.get("state") in (KeyState.FAILED.value, KeyState.DECLINED.value):
             return KeyStatus(
-                KeyState(state["state"]), state.get("reason"), attempts, updated_at, value
+                KeyState(state["state"]),
+                state.get("reason"),
+                attempts,
+                updated_at,
+                value=value,
+                tenant=tenant,
             )
         if has_claim:
             pending = state.get("state") == KeyState.PENDING.value
             return KeyStatus(
-                KeyState.PENDING, None, attempts if pending else 0, updated_at if pending else None
+                KeyState.PENDING,
+                None,
+                attempts if pending else 0,
+                updated_at if pending else None,
+                tenant=tenant,
             )
         return KeyStatus(KeyState.ABSENT)
 
@@ -304,7 +338,7 @@ class RedisStore(AugmentationStore):
             await self._run(
                 "enqueue_claim",
                 [payload_key(job.key), state_key(job.key), claim],
-                [token, _ms(self.config.pending_ttl_s), _ms(_UNCONFIRMED_CLAIM_S)],
+                [token, _ms(self.config.pending_ttl_s), _ms(_UNCONFIRMED_CLAIM_S), job.tenant],
             )
         )
         if verdict != "claimed":
@@ -382,7 +416,7 @@ class RedisStore(AugmentationStore):
                 self._run(
                     "mark_pending",
                     [state_key(d.job.key)],
-                    [d.deliveries, repr(time.time()), _ms(self.config.pending_ttl_s)],
+                    [d.deliveries, repr(time.time()), _ms(self.config.pending_ttl_s), d.job.tenant],
                 )
                 for d in deliveries
             )
@@ -446,9 +480,15 @@ class RedisStore(AugmentationStore):
         await self._run(
             "publish",
             [payload_key(key), state_key(key), claim_key(key)],
-            [payload_bytes, _ms(self.config.payload_ttl_s), delivery.deliveries, repr(time.time()),
-             *_value_fields(value)],
-        )  # fmt: skip
+            [
+                payload_bytes,
+                _ms(self.config.payload_ttl_s),
+                delivery.deliveries,
+                repr(time.time()),
+                delivery.job.tenant,
+                *_value_fields(value),
+            ],
+        )
         # The payload is stored before the ack: a crash in between only causes a harmless
         # redelivery, never an acked job without a payload.
         await self._run("ack", [JOB_STREAM], [CONSUMER_GROUP, delivery.stream_id])
@@ -459,9 +499,16 @@ class RedisStore(AugmentationStore):
         await self._run(
             "mark_finished",
             [state_key(key), claim_key(key)],
-            [KeyState.DECLINED.value, reason, delivery.deliveries,
-             _ms(self.config.declined_ttl_s), repr(time.time()), *_value_fields(value)],
-        )  # fmt: skip
+            [
+                KeyState.DECLINED.value,
+                reason,
+                delivery.deliveries,
+                _ms(self.config.declined_ttl_s),
+                repr(time.time()),
+                delivery.job.tenant,
+                *_value_fields(value),
+            ],
+        )
         await self._run("ack", [JOB_STREAM], [CONSUMER_GROUP, delivery.stream_id])
         await self._announce(key, KeyState.DECLINED.value)
 
@@ -485,9 +532,15 @@ class RedisStore(AugmentationStore):
         await self._run(
             "mark_finished",
             [state_key(key), claim_key(key)],
-            [KeyState.FAILED.value, reason, delivery.deliveries,
-             _ms(self.config.failed_ttl_s), repr(time.time())],
-        )  # fmt: skip
+            [
+                KeyState.FAILED.value,
+                reason,
+                delivery.deliveries,
+                _ms(self.config.failed_ttl_s),
+                repr(time.time()),
+                delivery.job.tenant,
+            ],
+        )
         await self._bury(
             delivery.stream_id, key, reason, delivery.deliveries, delivery.job.to_json(),
             delivery.consumer,
@@ -576,10 +629,7 @@ class RedisStore(AugmentationStore):
                     connection.register_connect_callback(self._on_events_reconnect)
                 # Events published while we were not subscribed are lost: re-check all.
                 self._notify_all()
-                while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._on_event(message["data"])
+                await self._follow(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -591,6 +641,33 @@ class RedisStore(AugmentationStore):
                     await asyncio.wait_for(pubsub.aclose(), self.config.op_timeout_s)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _follow(self, pubsub: Any) -> None:
+        """Read events until the store closes. Health check: after events_health_check_s
+        without traffic, PING; no answer within op_timeout_s means the connection is dead
+        or hung (a frozen Redis keeps the socket open), so raise and reconnect, while
+        waiters fall back to polling."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.events_health_check_s
+        heard = loop.time()
+        pinged: float | None = None
+        while not self._closed:
+            wait = min(1.0, interval)
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            now = loop.time()
+            if message is not None:
+                heard, pinged = now, None
+                if message.get("type") == "message":
+                    self._on_event(message["data"])
+                continue
+            if pinged is not None and now - pinged > self.config.op_timeout_s:
+                raise rex.ConnectionError(
+                    f"events connection: no answer to PING in {self.config.op_timeout_s} s"
+                )
+            if pinged is None and now - heard >= interval:
+                async with asyncio.timeout(self.config.op_timeout_s):
+                    await pubsub.ping()
+                pinged = now
 
     def _on_events_reconnect(self, _connection: object) -> None:
         self.subscriptions += 1

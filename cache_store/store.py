@@ -17,7 +17,14 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 
-from cache_store.errors import PayloadRejected, PayloadTooLarge, StoreUnavailable
+from cache_store.breaker import CircuitBreaker
+from cache_store.errors import (
+    CircuitOpen,
+    PayloadRejected,
+    PayloadTooLarge,
+    StoreRefused,
+    StoreUnavailable,
+)
 from cache_store.keys import validate_key, value_key
 from cache_store.metrics import StoreMetrics
 from cache_store.payload import TOO_LARGE, Payload, PayloadExpectation, decode_payload
@@ -43,12 +50,16 @@ class AugmentationStore(ABC):
     backend: str = "abstract"
     _transient_errors: tuple[type[BaseException], ...] = ()
     """Backend exceptions that mean "unavailable" (become StoreUnavailable)."""
+    _refusal_errors: tuple[type[BaseException], ...] = ()
+    """Backend error replies (a subset of the above) that become StoreRefused."""
 
     def __init__(self, config: StoreConfig, metrics: StoreMetrics) -> None:
         self.config = config
         self.metrics = metrics
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._closed = False
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
+        self._refusals_logged: dict[str, float] = {}
 
     # ---------------------------------------------------------------- request side
 
@@ -91,12 +102,13 @@ class AugmentationStore(ABC):
         async with self._op("status"):
             return await self._status(key)
 
-    async def enqueue(self, job: Job) -> EnqueueOutcome:
+    async def enqueue(self, job: Job, *, timeout_s: float | None = None) -> EnqueueOutcome:
         """Add a job unless its key is ready, failed or already pending (atomic dedup), or
         the queue is full (backpressure: counted, the caller answers plainly). Raises
-        MalformedJob if the job's key does not match its fields (use Job.create)."""
+        MalformedJob if the job's key does not match its fields (use Job.create).
+        `timeout_s` overrides op_timeout_s, e.g. with the request path's budget."""
         job.verify()
-        async with self._op("enqueue"):
+        async with self._op("enqueue", timeout_s):
             outcome = await self._enqueue(job)
         self.metrics.enqueues.labels(outcome.value).inc()
         return outcome
@@ -244,24 +256,67 @@ class AugmentationStore(ABC):
 
     @contextlib.asynccontextmanager
     async def _op(self, op: str, timeout_s: float | None = None) -> AsyncIterator[None]:
-        """Time an operation, bound it, and turn backend outages into StoreUnavailable."""
+        """Time an operation, bound it, turn backend outages and error replies into
+        StoreUnavailable, and feed the circuit breaker (skip the backend while it is open)."""
         if self._closed:
             raise RuntimeError(f"store operation {op!r} after close(); open a new store")
+        if not self.breaker.allow():
+            self.metrics.breaker_skipped.labels(op).inc()
+            raise CircuitOpen(op, self.backend, self.breaker.retry_in())
         start = time.perf_counter()
+        settled = False
         try:
             async with asyncio.timeout(
                 self.config.op_timeout_s if timeout_s is None else timeout_s
             ):
                 await self._prepare()
                 yield
+            settled = True
+            self.breaker.succeeded()
         except TimeoutError as exc:
-            self.metrics.errors.labels(op).inc()
+            settled = True
+            self._failed(op)
             raise StoreUnavailable(op, self.backend, "timed out") from exc
         except self._transient_errors as exc:
-            self.metrics.errors.labels(op).inc()
+            settled = True
+            self._failed(op)
+            if isinstance(exc, self._refusal_errors):
+                refused = StoreRefused(op, self.backend, self._refusal_code(exc), exc)
+                self._log_refusal(refused)
+                raise refused from exc
             raise StoreUnavailable(op, self.backend, f"{type(exc).__name__}: {exc}") from exc
         finally:
+            if not settled:
+                # Cancelled, or an error that says nothing about the backend (a bug, bad
+                # input): neither a success nor a failure of the backend.
+                self.breaker.abandoned()
             self.metrics.latency.labels(op, self.backend).observe(time.perf_counter() - start)
+
+    def _refusal_code(self, exc: BaseException) -> str:
+        """The error reply's code (its first word), e.g. MISCONF."""
+        word = str(exc).split(" ", 1)[0]
+        return word if word.isupper() else "ERR"
+
+    def _failed(self, op: str) -> None:
+        self.metrics.errors.labels(op).inc()
+        opened = self.breaker.opened
+        self.breaker.failed()
+        if self.breaker.opened > opened:
+            self.metrics.breaker_opened.inc()
+            log.warning(
+                "store: %d failures in a row; skipping %s for %.1f s (circuit breaker)",
+                self.breaker.threshold,
+                self.backend,
+                self.breaker.cooldown_s,
+            )
+
+    def _log_refusal(self, refused: StoreRefused) -> None:
+        # An error reply repeats on every call while it lasts (a full disk, a BUSY script):
+        # one line per reply code every 10 s is enough to see it.
+        now = time.monotonic()
+        if now - self._refusals_logged.get(refused.code, -1e9) >= 10.0:
+            self._refusals_logged[refused.code] = now
+            log.warning("store: %s", refused)
 
     @contextlib.contextmanager
     def _waiter(self, key: str) -> Iterator[asyncio.Event]:

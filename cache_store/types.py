@@ -35,6 +35,9 @@ class KeyStatus:
     """Unix time of the last state change a worker recorded, if any."""
     value: ValueFigure | None = None
     """The value check's figure of the key's latents (READY, DECLINED), if measured."""
+    tenant: str | None = None
+    """The tenant whose job the key belongs to, as recorded by enqueue, claim, publish,
+    fail and decline (None when absent, or recorded by a version that did not record it)."""
 
     @property
     def terminal(self) -> bool:
@@ -194,6 +197,13 @@ class StoreConfig:
     """wait_ready's re-check interval while push notifications are not available."""
     memory_capacity_bytes: int = 1 << 30
     """In-memory backend only: least recently used payloads are evicted past this total."""
+    breaker_failures: int = 5
+    """Consecutive failed operations that open the circuit breaker; 0: no breaker."""
+    breaker_cooldown_s: float = 1.0
+    """How long an open breaker skips the backend before one probe call may try it."""
+    events_health_check_s: float = 5.0
+    """Redis: PING the events (pub/sub) connection after this long without traffic; no
+    answer within op_timeout_s means the connection is dead or hung and is replaced."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -209,6 +219,8 @@ class StoreConfig:
             "max_dead_letters": self.max_dead_letters,
             "poll_interval_s": self.poll_interval_s,
             "memory_capacity_bytes": self.memory_capacity_bytes,
+            "breaker_cooldown_s": self.breaker_cooldown_s,
+            "events_health_check_s": self.events_health_check_s,
         }
         bad = {name: value for name, value in positive.items() if not value > 0}
         if bad:

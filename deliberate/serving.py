@@ -28,13 +28,25 @@ from deliberate.wiring import (
     stop_on_signals,
     value_policy,
 )
-from server.app import ServerState, create_app
+from server.app import ServerState, create_app, is_loopback
 from server.augmentation import Augmenter
 from server.embeddings import EmbeddingTable
 from server.engine import start_engine
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("deliberate.serve")
+
+
+def warn_if_open(host: str, api_keys: dict[str, str]) -> bool:
+    """Log a warning when the API is served beyond loopback without keys; True if so."""
+    if api_keys or is_loopback(host):
+        return False
+    log.warning(
+        "authentication is off and the server listens on %s: anyone who can reach the port "
+        "can generate and read augmentation states. Set --api-keys or --api-keys-file.",
+        host,
+    )
+    return True
 
 
 def runs_embedded_worker(settings: Settings) -> bool:
@@ -47,6 +59,8 @@ async def serve(settings: Settings) -> None:
     import torch
     from transformers import AutoTokenizer
 
+    api_keys = settings.api_key_tenants()  # a bad key file fails here, before the slow start
+    warn_if_open(settings.host, api_keys)
     model_dir = decoder_dir(settings)
     checkpoint = CheckpointInfo.read(coprocessor_dir(settings))
     fingerprint = decoder_fingerprint(model_dir)
@@ -92,12 +106,18 @@ async def serve(settings: Settings) -> None:
         model_name=settings.served_model_name or model_dir.name,
         max_model_len=settings.max_model_len,
         max_context_tokens=settings.max_context_tokens,
-        api_keys=settings.api_key_set(),
+        api_keys=api_keys,
         metrics=metrics,
         registry=registry,
         created=int(time.time()),
+        metrics_key=settings.metrics_key,
     )
-    app = create_app(state, max_request_bytes=settings.max_request_bytes)
+    app = create_app(
+        state,
+        max_request_bytes=settings.max_request_bytes,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        docs=settings.docs,
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
     )

@@ -48,8 +48,26 @@ class Settings(BaseSettings):
     )
     max_deliveries: int = Field(3, description="deliveries before a job is dead-lettered")
     max_payload_bytes: int = Field(4 << 20, description="largest payload accepted")
+    declined_ttl_seconds: int = Field(
+        24 * 3600, description="a key the value check declined is not recomputed for this long"
+    )
     lookup_timeout_seconds: float = Field(
         0.01, description="time budget of the store lookup on the request path"
+    )
+    store_max_connections: int = Field(
+        32,
+        ge=4,
+        description="most connections to Redis per process (per node on a Cluster); callers "
+        "wait for a free one within their time budget instead of opening more",
+    )
+    store_breaker_failures: int = Field(
+        5,
+        ge=0,
+        description="consecutive store failures that open the circuit breaker (the store is "
+        "then skipped, answered plainly, for the cool-down); 0: no breaker",
+    )
+    store_breaker_cooldown_seconds: float = Field(
+        1.0, gt=0, description="how long an open circuit breaker skips the store"
     )
 
     # --- decoder engine (vLLM) --------------------------------------------------------------
@@ -71,7 +89,29 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the server listens on")
     port: int = Field(8000, description="port the server listens on")
     api_keys: str = Field(
-        "", description="comma-separated bearer API keys; empty: no authentication"
+        "",
+        description="comma-separated bearer API keys, each `key` or `key:tenant` (a bare key "
+        "acts for --tenant; `key:*` may name any tenant); empty (and no --api-keys-file): "
+        "no authentication",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="file of API keys, one `key [tenant]` per line (# comments), e.g. a "
+        "mounted secret; merged with --api-keys",
+    )
+    metrics_key: str | None = Field(
+        None,
+        description="bearer token that may read /metrics only (Prometheus' scrape token); "
+        "/metrics needs an API key or this token whenever either is configured",
+    )
+    docs: bool = Field(
+        False, description="serve the API docs (/docs, /redoc, /openapi.json); off by default"
+    )
+    max_concurrent_requests: int = Field(
+        256,
+        ge=0,
+        description="generation and pre-warm requests in progress at once; more are answered "
+        "503 at once; 0: no limit",
     )
     min_context_tokens: int = Field(
         32, description="contexts shorter than this are not augmented (status too-short)"
@@ -114,8 +154,28 @@ class Settings(BaseSettings):
             return self.dtype
         return "bfloat16" if _has_fast_bf16() else "float32"
 
-    def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+    def api_key_tenants(self) -> dict[str, str]:
+        """API key -> the tenant it acts for ("*": any), from --api-keys and the file."""
+        keys: dict[str, str] = {}
+        entries = [e.strip() for e in self.api_keys.split(",") if e.strip()]
+        pairs = [e.partition(":")[::2] for e in entries]
+        if self.api_keys_file is not None:
+            for n, line in enumerate(self.api_keys_file.read_text().splitlines(), 1):
+                fields = line.split("#", 1)[0].split()
+                if not fields:
+                    continue
+                if len(fields) > 2:
+                    raise ValueError(
+                        f"{self.api_keys_file}:{n}: expected `key [tenant]`, got {len(fields)} "
+                        "fields"
+                    )
+                pairs.append((fields[0], fields[1] if len(fields) == 2 else ""))
+        for key, tenant in pairs:
+            key, tenant = key.strip(), tenant.strip()
+            if not key:
+                raise ValueError("an API key entry has an empty key")
+            keys[key] = tenant or self.tenant
+        return keys
 
     # --- worker -----------------------------------------------------------------------------
     worker_batch_max_jobs: int = Field(8, description="most jobs computed in one batch")

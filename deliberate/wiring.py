@@ -49,6 +49,10 @@ def make_store(settings: Settings, registry: CollectorRegistry) -> AugmentationS
         visibility_timeout_s=settings.visibility_timeout_seconds,
         max_deliveries=settings.max_deliveries,
         max_payload_bytes=settings.max_payload_bytes,
+        declined_ttl_s=settings.declined_ttl_seconds,
+        max_connections=settings.store_max_connections,
+        breaker_failures=settings.store_breaker_failures,
+        breaker_cooldown_s=settings.store_breaker_cooldown_seconds,
         registry=registry,
     )
 

@@ -6,12 +6,19 @@ the CLI wire it the same way; nothing here reads settings from the environment.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
+import hmac
+import ipaddress
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +33,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from cache_store.errors import StoreError
 from cache_store.keys import validate_key
+from cache_store.types import KeyState
 from cache_store.value import ValueFigure
 from server.augmentation import Augmenter, Plan
 from server.metrics import ServerMetrics
@@ -39,6 +47,11 @@ from server.protocol import (
 
 STATUS_HEADER = "X-Deliberate-Augmentation"
 KEY_HEADER = "X-Deliberate-Key"
+ANY_TENANT = "*"
+"""An API key bound to this may name any tenant in its requests (an operator's key)."""
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -66,31 +79,113 @@ class ServerState:
     model_name: str
     max_model_len: int
     max_context_tokens: int
-    api_keys: frozenset[str]
+    api_keys: Mapping[str, str]
+    """API key -> the tenant it acts for (ANY_TENANT: any). Empty: no authentication, and
+    every request acts for the default tenant unless it names another."""
     metrics: ServerMetrics
     registry: CollectorRegistry
     created: int
+    metrics_key: str | None = None
+    """A bearer token that may read /metrics only (Prometheus' scrape token)."""
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    )
+    """Tokenization and chat templating run here, off the event loop. One thread: a fast
+    tokenizer is not safe to call from several threads at once."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts for: the tenant its API key is bound to."""
+
+    tenant: str
+    any_tenant: bool
+
+    def tenant_for(self, requested: str | None) -> str:
+        """The tenant a request acts for; a key may name only its own tenant unless it is
+        bound to ANY_TENANT."""
+        if requested is None or requested == self.tenant or self.any_tenant:
+            return requested or self.tenant
+        raise ApiError(
+            403,
+            f"this API key may not act for tenant '{requested}'; omit 'tenant' to use the "
+            "key's own",
+            type="permission_error",
+            param="tenant",
+            code="tenant_not_allowed",
+        )
+
+    def may_see(self, tenant: str | None) -> bool:
+        return self.any_tenant or (tenant is not None and tenant == self.tenant)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cache_salt(tenant: str) -> str:
+    """vLLM's prefix-cache salt for a tenant: requests of different tenants never share KV
+    blocks, so one cannot learn from time to first token what another sent."""
+    return hashlib.sha256(b"deliberate-tenant\0" + tenant.encode()).hexdigest()[:32]
 
 
 def _state(request: Request) -> ServerState:
     return request.app.state.deliberate  # type: ignore[no-any-return]
 
 
-def _authorized(request: Request, state: ServerState = Depends(_state)) -> None:  # noqa: B008
-    if not state.api_keys:
-        return
+def _bearer(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in state.api_keys:
-        raise ApiError(
-            401,
-            "missing or invalid API key: send 'Authorization: Bearer <key>'",
-            type="authentication_error",
-            code="invalid_api_key",
-        )
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _match_key(token: str | None, keys: Mapping[str, str]) -> str | None:
+    """The tenant of the key equal to `token`, compared in constant time: every key is
+    compared, and each comparison takes as long whatever the first differing byte."""
+    found = None
+    given = (token or "").encode()
+    for key, tenant in keys.items():
+        if hmac.compare_digest(given, key.encode()) and token is not None:
+            found = tenant
+    return found
+
+
+def _invalid_key() -> ApiError:
+    return ApiError(
+        401,
+        "missing or invalid API key: send 'Authorization: Bearer <key>'",
+        type="authentication_error",
+        code="invalid_api_key",
+    )
+
+
+def _authorized(request: Request, state: ServerState = Depends(_state)) -> Caller:  # noqa: B008
+    default = state.augmenter.default_tenant
+    if not state.api_keys:
+        return Caller(default, any_tenant=True)
+    tenant = _match_key(_bearer(request), state.api_keys)
+    if tenant is None:
+        raise _invalid_key()
+    if tenant == ANY_TENANT:
+        return Caller(default, any_tenant=True)
+    return Caller(tenant, any_tenant=False)
+
+
+async def _off_loop(state: ServerState, fn: Callable[..., T], *args: Any) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.tokenizer_pool, functools.partial(fn, *args))
 
 
 class BodySizeLimit:
-    """Refuse bodies over a byte limit before they are read whole (chunked uploads too)."""
+    """Refuse bodies over a byte limit with a 413, before the app sees them.
+
+    The body is read here (at most max_bytes of it) and handed to the app whole: counting
+    inside the app's receive instead made an oversized chunked upload a 400, since the
+    framework turns any error while reading the body into "error parsing the body"."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -101,47 +196,123 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and int(declared) > self.max_bytes:
-            await self._refuse(send)
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise _BodyTooLarge
-            return message
-
         try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await self._refuse(send)
+            too_large = declared is not None and int(declared) > self.max_bytes
+        except ValueError:
+            too_large = False  # the server rejects a malformed Content-Length itself
+        if too_large:
+            await _send_error(send, 413, f"request body over {self.max_bytes} bytes")
+            return
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending the whole body
+            body = message.get("body", b"")
+            received += len(body)
+            if received > self.max_bytes:
+                await _send_error(send, 413, f"request body over {self.max_bytes} bytes")
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            ApiError(
-                413, f"request body over {self.max_bytes} bytes", code="request_too_large"
-            ).body
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # what follows the body: the disconnect, if any
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class ConcurrencyLimit:
+    """At most `limit` generation and pre-warm requests at once (streams count until their
+    last chunk); more are answered 503 at once instead of queueing without bound."""
+
+    PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/augmentations")
+
+    def __init__(self, app: ASGIApp, limit: int, on_refused: Callable[[], None]) -> None:
+        self.app = app
+        self.limit = limit
+        self.on_refused = on_refused
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.limit <= 0
+            or scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope.get("path") not in self.PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            self.on_refused()
+            await _send_error(
+                send,
+                503,
+                f"server overloaded: {self.limit} requests in progress; retry shortly",
+                type="server_error",
+                code="overloaded",
+                headers=[(b"retry-after", b"1")],
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
-def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
-    app = FastAPI(title="Deliberate", version="0.1.0")
+async def _send_error(
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    code = code or ("request_too_large" if status == 413 else None)
+    body = json.dumps(ApiError(status, message, type=type, code=code).body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    state: ServerState,
+    *,
+    max_request_bytes: int,
+    max_concurrent_requests: int = 0,
+    docs: bool = False,
+) -> FastAPI:
+    """The app. `max_concurrent_requests` (0: no limit) bounds generation and pre-warm
+    requests in progress; `docs` serves /docs, /redoc and /openapi.json (off by default:
+    they describe the API to anyone who can reach the port)."""
+    app = FastAPI(
+        title="Deliberate",
+        version="0.1.0",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.deliberate = state
+    app.add_middleware(
+        ConcurrencyLimit,
+        limit=max_concurrent_requests,
+        on_refused=lambda: state.metrics.rejected.labels(code="503").inc(),
+    )
+    # Added last, so it runs first: an oversized body never takes a concurrency slot.
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(ApiError)
@@ -159,11 +330,17 @@ def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
     @app.exception_handler(StoreError)
     async def _store_down(request: Request, exc: StoreError) -> JSONResponse:
         # Generation never gets here (it degrades to plain); only the augmentation endpoints,
-        # whose whole answer is the store's.
-        body = ApiError(503, f"augmentation store unavailable: {exc}", type="server_error").body
-        return JSONResponse(body, status_code=503)
+        # whose whole answer is the store's. The cause goes to the log, not to the client.
+        log.warning("augmentation store unavailable for %s: %s", request.url.path, exc)
+        body = ApiError(
+            503,
+            "augmentation store unavailable; retry later",
+            type="server_error",
+            code="store_unavailable",
+        ).body
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
-    auth = [Depends(_authorized)]
+    auth = Depends(_authorized)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -174,14 +351,22 @@ def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
         try:
             await state.engine.check_health()
         except Exception as exc:  # any engine failure means: do not route traffic here
-            return JSONResponse({"status": "engine unavailable", "error": str(exc)}, 503)
+            log.warning("not ready: engine health check failed: %r", exc)
+            return JSONResponse({"status": "engine unavailable"}, 503)
         return JSONResponse({"status": "ready", "model": state.model_name})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # Behind the API keys (any of them, or the scrape-only metrics key) when keys are
+        # configured: the metrics name tenants' traffic and the store's health.
+        if state.api_keys or state.metrics_key:
+            token = _bearer(request)
+            scrape = {state.metrics_key: "metrics"} if state.metrics_key else {}
+            if _match_key(token, {**state.api_keys, **scrape}) is None:
+                raise _invalid_key()
         return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=[auth])
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
@@ -196,35 +381,40 @@ def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest) -> Response:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, caller: Caller = auth) -> Response:
         _check_model(state, body)
+        tenant = caller.tenant_for(body.tenant)
         try:
             prompt_text = body.prompt_text()
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from exc
-        parts = split_completion(state.tokenizer, body.context, prompt_text)
-        return await _serve(state, body, parts, chat=False, default_max_tokens=16)
+        parts = await _off_loop(state, split_completion, state.tokenizer, body.context, prompt_text)
+        return await _serve(state, body, parts, tenant, chat=False, default_max_tokens=16)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, caller: Caller = auth) -> Response:
         _check_model(state, body)
+        tenant = caller.tenant_for(body.tenant)
         try:
-            parts = split_chat(state.tokenizer, body.messages, body.context_messages)
+            parts = await _off_loop(
+                state, split_chat, state.tokenizer, body.messages, body.context_messages
+            )
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
         return await _serve(
-            state, body, parts, chat=True, default_max_tokens=body.max_completion_tokens
+            state, body, parts, tenant, chat=True, default_max_tokens=body.max_completion_tokens
         )
 
-    @app.post("/v1/augmentations", dependencies=auth)
-    async def prewarm(body: AugmentationRequest) -> dict[str, Any]:
+    @app.post("/v1/augmentations")
+    async def prewarm(body: AugmentationRequest, caller: Caller = auth) -> dict[str, Any]:
+        items = [(item, caller.tenant_for(item.tenant or body.tenant)) for item in body.items()]
         results = []
-        for item in body.items():
+        for item, tenant in items:
             # The same tokens as a completion's `context`, so the keys match later requests.
-            context_ids = state.tokenizer.encode(item.context)
+            context_ids = await _off_loop(state, state.tokenizer.encode, item.context)
             _check_context_length(state, context_ids)
-            job, outcome = await state.augmenter.prewarm(context_ids, item.tenant or body.tenant)
+            job, outcome = await state.augmenter.prewarm(context_ids, tenant)
             status = await state.augmenter.status(job.key)
             results.append(
                 {
@@ -236,13 +426,22 @@ def create_app(state: ServerState, *, max_request_bytes: int) -> FastAPI:
             )
         return {"object": "list", "data": results}
 
-    @app.get("/v1/augmentations/{key}", dependencies=auth)
-    async def augmentation_status(key: str) -> dict[str, Any]:
+    @app.get("/v1/augmentations/{key}")
+    async def augmentation_status(key: str, caller: Caller = auth) -> dict[str, Any]:
         try:
             validate_key(key)
         except ValueError as exc:
             raise ApiError(400, str(exc), param="key") from exc
         status = await state.augmenter.status(key)
+        # A key of another tenant is answered exactly like one that does not exist, so the
+        # answer cannot tell whether another tenant sent that context.
+        if status.state is KeyState.ABSENT or not caller.may_see(status.tenant):
+            raise ApiError(
+                404,
+                f"no augmentation with key {key} for this API key's tenant",
+                param="key",
+                code="augmentation_not_found",
+            )
         return {
             "key": key,
             "state": status.state.value,
@@ -313,6 +512,7 @@ async def _serve(
     state: ServerState,
     body: CompletionRequest | ChatCompletionRequest,
     parts: PromptParts,
+    tenant: str,
     *,
     chat: bool,
     default_max_tokens: int | None,
@@ -322,12 +522,20 @@ async def _serve(
     plan = await state.augmenter.plan(
         parts.context_ids,
         parts.rest_ids,
-        tenant=body.tenant,
+        tenant=tenant,
         augment=body.augment,
         wait_s=body.augment_wait_seconds,
     )
     prompt_len = plan.prompt_tokens + plan.n_latents
     room = state.max_model_len - prompt_len
+    if room < 1:
+        raise ApiError(
+            400,
+            f"prompt ({prompt_len} positions) leaves no room to generate within the "
+            f"model's context of {state.max_model_len}",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
     max_tokens = body.max_tokens or default_max_tokens or room
     if max_tokens > room:
         raise ApiError(
@@ -344,7 +552,10 @@ async def _serve(
     headers = {STATUS_HEADER: plan.status.value}
     if plan.key:
         headers[KEY_HEADER] = plan.key
-    outputs = _timed(state, plan, arrived, state.engine.generate(plan.prompt, params, request_id))
+    # Per-tenant salt on every prompt (tokens or embeddings): vLLM's prefix cache is shared
+    # by all requests, and a cache hit shows in the time to first token.
+    prompt = {**plan.prompt, "cache_salt": cache_salt(tenant)}
+    outputs = _timed(state, plan, arrived, state.engine.generate(prompt, params, request_id))
     render = _ChatRenderer if chat else _CompletionRenderer
     renderer = render(request_id, state.model_name, plan, state.tokenizer)
     if body.stream:

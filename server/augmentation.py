@@ -149,7 +149,9 @@ class Augmenter:
         try:
             payload = await self._lookup(job)
             if payload is None:
-                outcome = await self._bounded(self.store.enqueue(job), "enqueue")
+                outcome = await self._bounded(
+                    self.store.enqueue(job, timeout_s=self.lookup_timeout_s), "enqueue"
+                )
                 if wait_s > 0 and outcome in (
                     EnqueueOutcome.ENQUEUED,
                     EnqueueOutcome.ALREADY_PENDING,
@@ -160,7 +162,9 @@ class Augmenter:
                     return plain(_ENQUEUE_STATUS[outcome], job.key)
             refusal = await self._value_refusal(job, payload)
         except (StoreError, TimeoutError):
-            # Counted as deliberate_requests_total{status="store-unavailable"}.
+            # The store turns every backend failure (outage, hang, error reply, open circuit
+            # breaker) into a StoreError. Counted as
+            # deliberate_requests_total{status="store-unavailable"}.
             return plain(AugmentationStatus.STORE_UNAVAILABLE, job.key)
         if refusal is not None:
             return plain(AugmentationStatus.DECLINED, job.key, refusal)
@@ -178,15 +182,20 @@ class Augmenter:
         )
 
     async def _bounded(self, call: Any, op: str) -> Any:
-        """A store call on the request path: a few milliseconds, or treated as unavailable."""
+        """A store call on the request path: a few milliseconds, or treated as unavailable.
+        The store bounds the call itself (timeout_s), so that it counts the timeout and
+        its circuit breaker sees it; this outer bound is only a backstop."""
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(call, self.lookup_timeout_s)
+            return await asyncio.wait_for(call, 2 * self.lookup_timeout_s + 0.05)
         finally:
             self.metrics.store_lookup_seconds.labels(op=op).observe(time.perf_counter() - started)
 
     async def _lookup(self, job: Job) -> Payload | None:
-        return await self._bounded(self.store.get_payload(job.key, self.expectation(job)), "get")
+        return await self._bounded(
+            self.store.get_payload(job.key, self.expectation(job), timeout_s=self.lookup_timeout_s),
+            "get",
+        )
 
     async def _value_refusal(self, job: Job, payload: Payload) -> str | None:
         """Why these latents must not be served (the value check, cache_store.value), or
@@ -199,7 +208,10 @@ class Augmenter:
         cached = self._verdicts.get(job.tenant)
         if cached is None or cached[0] <= now:
             tenant_est, overall = await self._bounded(
-                self.store.value_estimates(job.coprocessor_fp, job.tenant), "value"
+                self.store.value_estimates(
+                    job.coprocessor_fp, job.tenant, timeout_s=self.lookup_timeout_s
+                ),
+                "value",
             )
             cached = (now + self.value_refresh_s, verdict(tenant_est, overall, self.value_policy))
             self._verdicts[job.tenant] = cached
@@ -220,6 +232,10 @@ class Augmenter:
             n_latents=self.n_latents,
             hidden=self.embeddings.hidden_size,
             dtype=None,
+            # Checked by the store, so a rejection is a miss, counted in
+            # deliberate_store_payload_rejected_total{reason} and the payload discarded.
+            cast_to=self.embeddings.weight.dtype,
+            max_latent_norm=self.coprocessor.latent_norm_max,
         )
 
     async def prewarm(self, context_ids: list[int], tenant: str | None) -> tuple[Job, str]:

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Raw embeddings from clients are never accepted (CVE-2025-62164: a crafted tensor corrupted
 # vLLM's memory). Latents are built by the server from its own store, nowhere else.
 FORBIDDEN_FIELDS = ("prompt_embeds", "embeds", "inputs_embeds", "latents")
+# vLLM's own API server bounds the seed to a signed 64-bit integer (torch's generator seed).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class GenerationRequest(BaseModel):
@@ -24,7 +26,7 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.engine",
     "tests.fixtures.store_backends",
+    "tests.fixtures.app_server",
 ]

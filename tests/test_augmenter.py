@@ -61,7 +61,8 @@ async def _publish(augmenter: Augmenter, context: list[int], figure: ValueFigure
     assert (await _plan(augmenter, context)).status is AugmentationStatus.MISS_ENQUEUED
     [delivery] = await augmenter.store.claim_jobs("w", block_s=0.1)
     job = delivery.job
-    latents = torch.randn(augmenter.n_latents, augmenter.embeddings.hidden_size)
+    # at embedding-row scale (norm about 2.4), inside the checkpoint's latent norm bound
+    latents = 0.1 * torch.randn(augmenter.n_latents, augmenter.embeddings.hidden_size)
     await augmenter.store.publish(
         delivery,
         encode_payload(

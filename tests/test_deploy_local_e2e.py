@@ -129,6 +129,7 @@ def deployment(
         "DELIBERATE_MODEL": str(bundled_decoder),
         "DELIBERATE_COPROCESSOR": str(untrained_checkpoint),
         "DELIBERATE_ALLOW_UNVALIDATED_COPROCESSOR": "true",
+        "DELIBERATE_VALUE_CHECK": "false",  # these tests are about the topology, not the check
         "DELIBERATE_API_KEYS": API_KEY,
         "DELIBERATE_ENFORCE_EAGER": "true",
         "DELIBERATE_MAX_MODEL_LEN": "2048",

@@ -577,6 +577,14 @@ def test_service_monitors_scrape_server_and_workers(overlay, objects):
         assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
         workload = one(objs, "Deployment", name)
         assert selects({"matchLabels": services[0]["spec"]["selector"]}, pod_labels(workload))
+    # The server's /metrics is behind its keys: the monitor sends the token the server reads.
+    server_endpoint = one(objs, "ServiceMonitor", "deliberate-server")["spec"]["endpoints"][0]
+    auth = server_endpoint["authorization"]
+    assert auth["type"] == "Bearer"
+    env = {e["name"]: e for e in container(one(objs, "Deployment", "deliberate-server"))["env"]}
+    assert env["DELIBERATE_METRICS_KEY"]["valueFrom"]["secretKeyRef"] == auth["credentials"]
+    worker_endpoint = one(objs, "ServiceMonitor", "deliberate-worker")["spec"]["endpoints"][0]
+    assert "authorization" not in worker_endpoint  # the worker's health port is not the API
 
 
 @pytest.mark.parametrize("overlay", ["cpu-demo", "gpu"])

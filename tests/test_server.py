@@ -43,6 +43,8 @@ def server(module_redis: RedisServer, logs: Path, untrained_checkpoint: Path) ->
         "--api-keys",
         API_KEY,
         "--allow-unvalidated-coprocessor",
+        # These tests are about the hit path; the value check has its own below.
+        "--no-value-check",
         "--lookup-timeout-seconds",
         "0.25",  # generous: the test machine is shared and noisy
     )
@@ -61,6 +63,7 @@ def worker(
         str(untrained_checkpoint),
         "--visibility-timeout-seconds",
         "10",
+        "--no-value-check",
     )
     yield process
     process.stop()

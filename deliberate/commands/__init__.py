@@ -16,7 +16,10 @@ STORE_FLAGS = (
     "visibility_timeout_seconds",
     "max_deliveries",
     "max_payload_bytes",
+    "declined_ttl_seconds",
 )
+# The value check's rule: the server and the workers must apply the same one.
+VALUE_FLAGS = ("value_check", "value_min_contexts", "value_tolerance")
 WORKER_FLAGS = ("worker_batch_max_jobs", "worker_batch_max_tokens", "worker_claim_block_seconds")
 
 
@@ -27,7 +30,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         field = Settings.model_fields[name]
         flag = "--" + name.replace("_", "-")
         default = field.default
-        help_text = f"{field.description} (default: {default})"
+        # argparse expands %-formats in help strings: a literal "%" must be doubled.
+        help_text = f"{field.description} (default: {default})".replace("%", "%%")
         if field.annotation is bool or bool in get_args(field.annotation):
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text

@@ -13,6 +13,7 @@ import argparse
 from deliberate.commands import (
     MODEL_FLAGS,
     STORE_FLAGS,
+    VALUE_FLAGS,
     WORKER_FLAGS,
     add_settings_flags,
     settings_from_args,
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         *MODEL_FLAGS,
         *STORE_FLAGS,
         *WORKER_FLAGS,
+        *VALUE_FLAGS,
         "worker_host",
         "worker_metrics_port",
         "worker_consumer",
