@@ -24,9 +24,12 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from coprocessor_worker.train_config import TrainConfig
 
 Split = Literal["train", "held_out", "all"]
 HELD_OUT_FRACTION = 0.1
@@ -303,6 +306,46 @@ def qa_items(split: Split = "held_out", sources: Iterable[str] = QA_SOURCES) -> 
     return items
 
 
+QAForm = Literal["qa", "chat"]
+
+
+@dataclass(frozen=True)
+class QAInputs:
+    """A QA item as the decoder sees it served: context ids, prompt ids, then the answer."""
+
+    context: list[int]
+    prompt: list[int]
+    answers: list[list[int]]
+    """Token ids of each choice (one entry when the set has no choices)."""
+    label: int
+
+
+def qa_inputs(tokenizer: Any, item: QAItem, form: QAForm) -> QAInputs:
+    """The served layout of an item. "qa": the passage as a completion's `context`, then
+    `\nQuestion: ...\nAnswer:`. "chat": the passage as the system message and the question as
+    the last user message, rendered by the chat template and split where the server splits
+    (every message before the last user message is the context, server/prompts.py)."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    answers = item.choices or (item.answer,)
+    if form == "qa":
+        context, prompt = ids(item.passage), ids(f"\nQuestion: {item.question}\nAnswer:")
+        return QAInputs(context, prompt, [ids(" " + a) for a in answers], max(item.label, 0))
+    conversation = [
+        {"role": "system", "content": item.passage},
+        {"role": "user", "content": item.question},
+    ]
+    head = tokenizer.apply_chat_template(conversation[:1], tokenize=False)
+    full = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(head):
+        raise ValueError("the chat template renders the context differently once a turn follows")
+    return QAInputs(
+        ids(head), ids(full[len(head) :]), [ids(a) for a in answers], max(item.label, 0)
+    )
+
+
 # --- token streams for training and evaluation ----------------------------------------------
 
 
@@ -471,3 +514,152 @@ MULTIPLE_CHOICE_SETS = {
     "hellaswag": hellaswag,
     "mmlu": mmlu,
 }
+
+
+# --- training rows (deliberate train) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Rows of token ids [n, window] and how many tokens of each row are text [n]."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _cached_npz(path: Path, build: Any) -> dict[str, np.ndarray]:
+    """Arrays cached as .npz (never pickle): built once by `build()`, then read back."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **build())
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
+
+
+def load_windows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Windows, Windows]:
+    """(train, held-out) rows of the training prose, cached in cache_dir."""
+    # a document row needs room for K distinct points, each followed by n_ahead tokens
+    shortest = cfg.min_prefix + cfg.n_ahead + cfg.positions - 1
+    tag = f"{'corpus' if cfg.corpus else 'bundled'}-{cfg.windows}-w{cfg.window}"
+    if cfg.windows == "documents":
+        tag += f"-min{shortest}"  # rows were filtered for this K and N_A
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    def build(split: Split) -> dict[str, np.ndarray]:
+        if cfg.corpus:
+            docs = corpus_documents(cfg.corpus, split, text_field=cfg.text_field)
+        else:
+            docs = bundled_documents(split)
+        if not docs:
+            raise ValueError(
+                f"the {split} split of the corpus is empty: documents are assigned to it "
+                "by a hash of their text (10% held out), so give more documents"
+            )
+        tokens = tokenize_documents(docs, tokenizer)
+        if cfg.windows == "stream":
+            ids = pack_windows(tokens, cfg.window, eos)
+            return {"ids": ids, "lengths": np.full(len(ids), cfg.window, dtype=np.int64)}
+        ids, lengths = document_windows(tokens, cfg.window, shortest, eos)
+        return {"ids": ids, "lengths": lengths}
+
+    out = []
+    for split in ("train", "held_out"):
+        arrays = _cached_npz(cache_dir / f"windows-{tag}-{split}.npz", lambda s=split: build(s))
+        out.append(Windows(arrays["ids"], arrays["lengths"]))
+    return out[0], out[1]
+
+
+def sample_positions(rng: np.random.Generator, cfg: TrainConfig, lengths: np.ndarray) -> np.ndarray:
+    """[n, K] sorted distinct prefix lengths in [min_prefix, length - n_ahead] per row."""
+    rows = [
+        np.sort(
+            rng.choice(np.arange(cfg.min_prefix, n - cfg.n_ahead + 1), cfg.positions, replace=False)
+        )
+        for n in lengths
+    ]
+    return np.stack(rows)
+
+
+def _rows(windows: Windows, idx: np.ndarray, positions: np.ndarray):
+    """The rows idx, cut after their longest text: padding costs a forward pass too."""
+    longest = int(windows.lengths[idx].max())
+    return windows.ids[idx, :longest], positions
+
+
+def step_batch(cfg: TrainConfig, windows: Windows, step: int, micro: int):
+    """(ids, positions) of (step, micro-step): a pure function of the seed, so resume is exact."""
+    rng = np.random.default_rng([cfg.seed, step, micro])
+    idx = rng.choice(len(windows), cfg.batch_windows, replace=False)
+    return _rows(windows, idx, sample_positions(rng, cfg, windows.lengths[idx]))
+
+
+def held_out_batches(cfg: TrainConfig, windows: Windows) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng([cfg.seed, 10**9])
+    idx = rng.choice(len(windows), min(cfg.eval_windows, len(windows)), replace=False)
+    positions = sample_positions(rng, cfg, windows.lengths[idx])
+    return [
+        _rows(windows, idx[i : i + cfg.batch_windows], positions[i : i + cfg.batch_windows])
+        for i in range(0, len(idx), cfg.batch_windows)
+    ]
+
+
+@dataclass(frozen=True)
+class QARows:
+    """Training passages in the serving form: row = passage ++ prompt ++ answer, right-padded;
+    the latents go after the passage (`anchors`), the loss reads the answer's tokens."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    anchors: np.ndarray
+    answer_start: np.ndarray
+    answer_end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_qa_rows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> QARows:
+    """QA rows of the training split's passages (the held-out split's are never read here;
+    they are what `deliberate eval` scores), cached in cache_dir."""
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    def build() -> dict[str, np.ndarray]:
+        rows: dict[str, list[Any]] = {k: [] for k in ("ids", "lengths", "anchors", "start", "end")}
+        for item in qa_items("train"):
+            served = qa_inputs(tokenizer, item, "qa")
+            tail = served.prompt + served.answers[served.label]
+            if len(tail) > cfg.qa_max_ahead:
+                continue
+            context = served.context[: cfg.window]
+            if len(context) < cfg.min_prefix:
+                continue
+            row = np.full(cfg.window + cfg.qa_max_ahead, pad, dtype=np.int64)
+            tokens = context + tail
+            row[: len(tokens)] = tokens
+            rows["ids"].append(row)
+            rows["lengths"].append(len(tokens))
+            rows["anchors"].append(len(context))
+            rows["start"].append(len(context) + len(served.prompt))
+            rows["end"].append(len(tokens))
+        return {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()}
+
+    arrays = _cached_npz(cache_dir / f"qa-rows-w{cfg.window}-a{cfg.qa_max_ahead}.npz", build)
+    return QARows(
+        arrays["ids"], arrays["lengths"], arrays["anchors"], arrays["start"], arrays["end"]
+    )
+
+
+def qa_batch(cfg: TrainConfig, rows: QARows, step: int):
+    """(ids, positions [B, 1], loss weights [B, 1, A]) of a step's QA rows: one point per
+    row, right after its passage; weight 1 on the answer's tokens, 0 elsewhere."""
+    rng = np.random.default_rng([cfg.seed, step, 10**6])
+    idx = rng.choice(len(rows), cfg.qa_rows, replace=False)
+    anchors = rows.anchors[idx]
+    n_ahead = int((rows.lengths[idx] - anchors).max())
+    offsets = anchors[:, None] + np.arange(n_ahead)
+    weights = (offsets >= rows.answer_start[idx, None]) & (offsets < rows.answer_end[idx, None])
+    longest = int((anchors + n_ahead).max())
+    return rows.ids[idx, :longest], anchors[:, None], weights[:, None].astype(np.float32)

@@ -21,48 +21,15 @@ change. That is the effect a user of the default configuration gets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from cache_store.value import ValueEstimate, ValueFigure, ValuePolicy, confidently_harmful, verdict
 from coprocessor_worker.coprocessor import CoprocessorModel, ValueCheck
-from coprocessor_worker.data import QAItem
+from coprocessor_worker.data import QAForm, QAInputs, QAItem, qa_inputs
 from coprocessor_worker.evaluate import continuation_logprobs
-
-Form = Literal["qa", "chat"]
-
-
-@dataclass(frozen=True)
-class QAInputs:
-    context: list[int]
-    prompt: list[int]
-    answers: list[list[int]]
-    """Token ids of each choice (one entry when the set has no choices)."""
-    label: int
-
-
-def qa_inputs(tokenizer: Any, item: QAItem, form: Form) -> QAInputs:
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    answers = item.choices or (item.answer,)
-    if form == "qa":
-        context, prompt = ids(item.passage), ids(f"\nQuestion: {item.question}\nAnswer:")
-        return QAInputs(context, prompt, [ids(" " + a) for a in answers], max(item.label, 0))
-    conversation = [
-        {"role": "system", "content": item.passage},
-        {"role": "user", "content": item.question},
-    ]
-    head = tokenizer.apply_chat_template(conversation[:1], tokenize=False)
-    full = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    if not full.startswith(head):
-        raise ValueError("the chat template renders the context differently once a turn follows")
-    return QAInputs(
-        ids(head), ids(full[len(head) :]), [ids(a) for a in answers], max(item.label, 0)
-    )
 
 
 @torch.no_grad()
@@ -100,7 +67,7 @@ def serving_form(
     models: dict[str, CoprocessorModel],
     tokenizer: Any,
     items: list[QAItem],
-    form: Form,
+    form: QAForm,
     check: ValueCheck,
 ) -> dict[str, Any]:
     """Per item: the plain decoder's answer NLL and accuracy, and each model's, with the

@@ -1,8 +1,10 @@
 """Training loop for the coprocessor and the pause-token baseline (same loop, same data).
 
-One step: B windows of T tokens; K augmentation positions per window; one no-grad decoder
-pass per window gives the cache shared by its K groups; the coprocessor and the decoder each
-run once over all K groups (see coprocessor.py). Loss: mean NLL of the N_A ahead tokens.
+One step: B rows of T tokens of prose (coprocessor_worker/data.py); K augmentation points per
+row; one no-grad decoder pass per row gives the cache shared by its K groups; the coprocessor
+and the decoder each run once over all K groups (see coprocessor.py). Loss: mean NLL of the
+N_A ahead tokens. With --qa-rows, each step also trains on rows in the serving form
+(passage, question, answer; latents after the passage, loss on the answer's tokens).
 AdamW, linear warmup then cosine decay to `min_lr_ratio`, gradient clipping and
 accumulation, bf16 autocast with frozen weights stored in bf16.
 
@@ -17,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from coprocessor_worker import data
 from coprocessor_worker.coprocessor import (
     CoprocessorModel,
     build_model,
@@ -37,100 +40,62 @@ from coprocessor_worker.coprocessor import (
 )
 from coprocessor_worker.train_config import TrainConfig
 
-# --- data --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Windows:
-    """Rows of token ids [n, window] and how many tokens of each row are text [n]."""
-
-    ids: np.ndarray
-    lengths: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def load_windows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Windows, Windows]:
-    """(train, held-out) windows, cached as .npz (no pickle)."""
-    from coprocessor_worker import data
-
-    # a document row needs room for K distinct points, each followed by n_ahead tokens
-    shortest = cfg.min_prefix + cfg.n_ahead + cfg.positions - 1
-    tag = f"{'corpus' if cfg.corpus else 'bundled'}-{cfg.windows}-w{cfg.window}"
-    if cfg.windows == "documents":
-        tag += f"-min{shortest}"  # rows were filtered for this K and N_A
-    paths = {s: cache_dir / f"windows-{tag}-{s}.npz" for s in ("train", "held_out")}
-    if not all(p.is_file() for p in paths.values()):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        for split, path in paths.items():
-            if cfg.corpus:
-                docs = data.corpus_documents(cfg.corpus, split, text_field=cfg.text_field)
-            else:
-                docs = data.bundled_documents(split)
-            if not docs:
-                raise ValueError(
-                    f"the {split} split of the corpus is empty: documents are assigned to it "
-                    "by a hash of their text (10% held out), so give more documents"
-                )
-            tokens = data.tokenize_documents(docs, tokenizer)
-            if cfg.windows == "stream":
-                ids = data.pack_windows(tokens, cfg.window, eos)
-                lengths = np.full(len(ids), cfg.window, dtype=np.int64)
-            else:
-                ids, lengths = data.document_windows(tokens, cfg.window, shortest, eos)
-            np.savez(path, ids=ids, lengths=lengths)
-    loaded = []
-    for path in paths.values():
-        with np.load(path, allow_pickle=False) as f:
-            loaded.append(Windows(f["ids"], f["lengths"]))
-    return loaded[0], loaded[1]
-
-
-def sample_positions(rng: np.random.Generator, cfg: TrainConfig, lengths: np.ndarray) -> np.ndarray:
-    """[n, K] sorted distinct prefix lengths in [min_prefix, length - n_ahead] per row."""
-    rows = [
-        np.sort(
-            rng.choice(np.arange(cfg.min_prefix, n - cfg.n_ahead + 1), cfg.positions, replace=False)
-        )
-        for n in lengths
-    ]
-    return np.stack(rows)
-
-
-def _rows(windows: Windows, idx: np.ndarray, positions: np.ndarray):
-    """The rows idx, cut after their longest text: padding costs a forward pass too."""
-    longest = int(windows.lengths[idx].max())
-    return torch.from_numpy(windows.ids[idx, :longest]), torch.from_numpy(positions)
-
-
-def batch_for_step(cfg: TrainConfig, windows: Windows, step: int, micro: int):
-    """The batch of (step, micro-step): a pure function of the seed, so resume is exact."""
-    rng = np.random.default_rng([cfg.seed, step, micro])
-    idx = rng.choice(len(windows), cfg.batch_windows, replace=False)
-    return _rows(windows, idx, sample_positions(rng, cfg, windows.lengths[idx]))
-
-
-def held_out_batches(cfg: TrainConfig, windows: Windows) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    rng = np.random.default_rng([cfg.seed, 10**9])
-    idx = rng.choice(len(windows), min(cfg.eval_windows, len(windows)), replace=False)
-    positions = sample_positions(rng, cfg, windows.lengths[idx])
-    return [
-        _rows(windows, idx[i : i + cfg.batch_windows], positions[i : i + cfg.batch_windows])
-        for i in range(0, len(idx), cfg.batch_windows)
-    ]
-
 
 @torch.no_grad()
 def held_out_nll(model: CoprocessorModel, batches, n_ahead: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-ahead-position mean NLL [n_ahead] with latents, and of the plain decoder."""
     nll, base = [], []
     for ids, pos in batches:
-        a, b = model.packed_nll(ids, pos, n_ahead)
+        a, b = model.packed_nll(torch.from_numpy(ids), torch.from_numpy(pos), n_ahead)
         nll.append(a.reshape(-1, n_ahead))
         base.append(b.reshape(-1, n_ahead))
     return torch.cat(nll).mean(0).numpy(), torch.cat(base).mean(0).numpy()
+
+
+def evaluate_held_out(model: CoprocessorModel, batches, cfg: TrainConfig, step: int) -> dict:
+    """The loop's held-out record: NLL with and without latents, relative change per position."""
+    t0 = time.time()
+    nll, base = held_out_nll(model, batches, cfg.n_ahead)
+    rel = {str(j): float(math.exp(nll[j - 1] - base[j - 1]) - 1) for j in (1, 2, 4, 8, 16)
+           if j <= cfg.n_ahead}  # fmt: skip
+    return {
+        "event": "eval",
+        "step": step,
+        "held_out_nll": float(nll.mean()),
+        "baseline_nll": float(base.mean()),
+        "rel_ppl_change": rel,
+        "rel_ppl_change_mean": float(math.exp(nll.mean() - base.mean()) - 1),
+        "seconds": round(time.time() - t0, 1),
+        "time": time.time(),
+    }
+
+
+def step_loss(model: CoprocessorModel, cfg: TrainConfig, windows, qa_rows, step: int):
+    """Backpropagate one optimizer step's loss; returns (loss, plain decoder's loss, tokens)."""
+    total, plain, tokens = 0.0, 0.0, 0
+    for micro in range(cfg.grad_accum):
+        ids, pos = (torch.from_numpy(a) for a in data.step_batch(cfg, windows, step, micro))
+        nll, base = model.packed_nll(ids, pos, cfg.n_ahead)
+        loss = nll.mean() / cfg.grad_accum
+        loss.backward()
+        total += float(loss.detach())
+        plain += float(base.mean()) / cfg.grad_accum
+        tokens += ids.numel() + pos.numel() * group_tokens(cfg, cfg.n_ahead)
+    if qa_rows is not None:
+        ids, pos, weights = (torch.from_numpy(a) for a in data.qa_batch(cfg, qa_rows, step))
+        nll, _ = model.packed_nll(ids, pos, weights.shape[-1])
+        # The answer's mean NLL: what the serving-form evaluation scores.
+        loss = cfg.qa_weight * (nll * weights).sum() / weights.sum()
+        loss.backward()
+        total += float(loss.detach())
+        tokens += ids.numel() + pos.numel() * group_tokens(cfg, weights.shape[-1])
+    return total, plain, tokens
+
+
+def group_tokens(cfg: TrainConfig, n_ahead: int) -> int:
+    """Tokens through the three passes per augmentation point: the coprocessor's soft
+    tokens, then the latents and the ahead tokens fed back through the decoder."""
+    return cfg.n_latents * (cfg.method != "pause") + cfg.n_latents + n_ahead - 1
 
 
 def start_from(
@@ -218,6 +183,7 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
 
     from cache_store.fingerprint import decoder_fingerprint
 
+    # model, optimizer, data
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,9 +202,11 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
     )
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for g in opt.param_groups for p in g["params"]]
+    train_rows, held_rows = data.load_windows(cfg, tokenizer, out)
+    qa_rows = data.load_qa_rows(cfg, tokenizer, out) if cfg.qa_rows else None
+    eval_batches = data.held_out_batches(cfg, held_rows)
 
-    train_w, held_w = load_windows(cfg, tokenizer, out)
-    eval_batches = held_out_batches(cfg, held_w)
+    # resume
     step, best = 0, float("inf")
     last = out / "last"
     if resume and (last / "trainer_state.json").is_file():
@@ -249,59 +217,31 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
         print(f"resumed from {last} at step {step} (best held-out NLL {best:.4f})")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log = (out / "log.jsonl").open("a")
-    n_trainable = sum(p.numel() for p in params)
-    # tokens through the three passes per augmentation point: the coprocessor's soft tokens,
-    # then the latents and the ahead tokens fed back through the decoder
-    group_tokens = cfg.n_latents * (cfg.method != "pause") + cfg.n_latents + cfg.n_ahead - 1
     print(
-        f"{cfg.method}: {n_trainable / 1e6:.2f}M trainable; {len(train_w)} train windows, "
-        f"{len(held_w)} held-out ({cfg.windows}); {group_tokens} tokens per point"
+        f"{cfg.method}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable; "
+        f"{len(train_rows)} train rows, {len(held_rows)} held-out ({cfg.windows})"
+        + (f", {len(qa_rows)} QA rows" if qa_rows is not None else "")
     )
 
     def evaluate(at_step: int) -> float:
-        nonlocal best
-        t0 = time.time()
-        nll, base = held_out_nll(model, eval_batches, cfg.n_ahead)
-        mean = float(nll.mean())
-        rel = {
-            str(j): float(math.exp(nll[j - 1] - base[j - 1]) - 1)
-            for j in (1, 2, 4, 8, 16)
-            if j <= cfg.n_ahead
-        }
-        record = {
-            "event": "eval",
-            "step": at_step,
-            "held_out_nll": mean,
-            "baseline_nll": float(base.mean()),
-            "rel_ppl_change": rel,
-            "rel_ppl_change_mean": float(math.exp(mean - base.mean()) - 1),
-            "seconds": round(time.time() - t0, 1),
-            "time": time.time(),
-        }
+        record = evaluate_held_out(model, eval_batches, cfg, at_step)
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if mean < best:
-            best = mean
-            save_checkpoint(
-                model,
-                out / "best",
-                decoder_fingerprint=decoder_fp,
-                training={
-                    "config": asdict(cfg),
-                    "step": at_step,
-                    "held_out_nll": mean,
-                    "baseline_nll": float(base.mean()),
-                },
-            )
         tqdm.write(
-            f"step {at_step}: held-out NLL {mean:.4f} (plain {base.mean():.4f}), "
-            f"rel ppl change {record['rel_ppl_change_mean']:+.2%}; "
-            + " ".join(f"@{k} {v:+.1%}" for k, v in rel.items())
+            f"step {at_step}: held-out NLL {record['held_out_nll']:.4f} "
+            f"(plain {record['baseline_nll']:.4f}), rel ppl change "
+            f"{record['rel_ppl_change_mean']:+.2%}; "
+            + " ".join(f"@{k} {v:+.1%}" for k, v in record["rel_ppl_change"].items())
         )
-        return mean
+        return record["held_out_nll"]
+
+    def save(name: str, at_step: int, **training: Any) -> None:
+        training = {"config": asdict(cfg), "step": at_step, **training}
+        save_checkpoint(model, out / name, decoder_fingerprint=decoder_fp, training=training)
 
     if step == 0:
-        evaluate(0)
+        best = min(best, evaluate(0))
+        save("best", 0, held_out_nll=best)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step")
     started = time.time()
     while step < cfg.steps:
@@ -309,14 +249,7 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
         factor = lr_factor(cfg, step)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * factor
-        total, tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            ids, pos = batch_for_step(cfg, train_w, step, micro)
-            tokens += ids.numel() + pos.numel() * group_tokens
-            nll, base = model.packed_nll(ids, pos, cfg.n_ahead)
-            loss = nll.mean() / cfg.grad_accum
-            loss.backward()
-            total += float(loss.detach())
+        loss, plain, tokens = step_loss(model, cfg, train_rows, qa_rows, step)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -325,45 +258,28 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
         record = {
             "event": "step",
             "step": step,
-            "loss": round(total, 5),
-            "baseline_loss": round(float(base.mean()), 5),
+            "loss": round(loss, 5),
+            "baseline_loss": round(plain, 5),
             "lr": base_lrs[0] * factor,
             "grad_norm": round(grad_norm, 4),
             "seconds": round(dt, 3),
             "tokens_per_s": round(tokens / dt, 1),
-            "ahead_tokens_per_s": round(
-                cfg.grad_accum * cfg.batch_windows * cfg.positions * cfg.n_ahead / dt, 1
-            ),
             "time": time.time(),
         }
         log.write(json.dumps(record) + "\n")
         log.flush()
         bar.update()
-        bar.set_postfix(
-            loss=f"{total:.3f}",
-            plain=f"{float(base.mean()):.3f}",
-            tok_s=f"{tokens / dt:.0f}",
-        )
+        bar.set_postfix(loss=f"{loss:.3f}", plain=f"{plain:.3f}", tok_s=f"{tokens / dt:.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            evaluate(step)
+            held_out = evaluate(step)
+            if held_out < best:
+                best = held_out
+                save("best", step, held_out_nll=held_out)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
-            save_checkpoint(
-                model,
-                out / f"step-{step}",
-                decoder_fingerprint=decoder_fp,
-                training={"config": asdict(cfg), "step": step},
-            )
+            save(f"step-{step}", step)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_run_state(
-                out,
-                model,
-                opt,
-                step,
-                decoder_fp,
-                cfg,
-                best,
-                {"train_seconds_this_session": round(time.time() - started, 1)},
-            )
+            extra = {"train_seconds_this_session": round(time.time() - started, 1)}
+            save_run_state(out, model, opt, step, decoder_fp, cfg, best, extra)
     bar.close()
     log.close()
     return out / "best"

@@ -66,6 +66,13 @@ class TrainConfig:
     eval_windows: Annotated[int, "held-out rows per evaluation"] = 32
     save_every: Annotated[int, "steps between resumable saves to RUN/last"] = 10
     snapshot_every: Annotated[int, "also keep RUN/step-N/ every this many steps (0: never)"] = 0
+    qa_rows: Annotated[
+        int,
+        "rows per step in the serving form (training passage, then a real question, then its "
+        "answer), latents after the passage, loss on the answer; 0: prose only",
+    ] = 0
+    qa_weight: Annotated[float, "weight of the QA rows' answer loss beside the prose loss"] = 1.0
+    qa_max_ahead: Annotated[int, "longest question + answer kept for QA rows, in tokens"] = 48
     corpus: Annotated[list[str], ".txt/.jsonl files or folders; none: the bundled prose"] = field(
         default_factory=list
     )

@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,32 @@ def test_warm_start_from_a_checkpoint(tiny_llama: Path, corpus: Path, tmp_path: 
             tiny_llama,
             tmp_path / "refused-n",
         )
+
+
+def test_qa_rows_score_the_answer_after_the_passage(tiny_llama: Path, tmp_path: Path) -> None:
+    """Serving-form rows: the point sits right after the passage, and the loss weights pick
+    exactly the answer's tokens (not the question's), from training-split passages only."""
+    from coprocessor_worker.coprocessor import load_decoder
+
+    _, tokenizer = load_decoder(tiny_llama, torch.float32)
+    cfg = replace(TrainConfig(), qa_rows=3, window=128, qa_max_ahead=40, min_prefix=8)
+    rows = data.load_qa_rows(cfg, tokenizer, tmp_path)
+    held_out = {item.passage for item in data.qa_items("held_out")}
+    first = data.qa_items("train")[0]
+    assert first.passage not in held_out
+    ids, pos, weights = data.qa_batch(cfg, rows, step=0)
+    assert ids.shape[0] == 3 and pos.shape == (3, 1)
+    for b in range(len(ids)):
+        anchor = int(pos[b, 0])
+        scored = np.flatnonzero(weights[b, 0])
+        assert len(scored) and np.array_equal(scored, np.arange(scored[0], scored[-1] + 1))
+        between = tokenizer.decode(ids[b, anchor : anchor + scored[0]].tolist())
+        # the question sits between the latents and the answer, as in serving
+        assert between.startswith("\nQuestion: ") and between.endswith("\nAnswer:")
+
+
+def test_training_with_qa_rows_logs_and_resumes(corpus: Path, tmp_path: Path, tiny_llama: Path):
+    cfg = _config(corpus, qa_rows=2, steps=2)
+    train(cfg, tiny_llama, tmp_path / "run")
+    steps = _steps(tmp_path / "run")
+    assert sorted(steps) == [1, 2] and all(math.isfinite(s["loss"]) for s in steps.values())
