@@ -44,6 +44,7 @@ from cache_store.checkpoint import (
     FORMAT_VERSION,
     MANIFEST,
     CheckpointMismatch,
+    read_evaluation,
     read_manifest,
 )
 from cache_store.value import ValueFigure
@@ -723,6 +724,14 @@ class ValueCheck:
     tokens: int = 16
     skip: int = 3
     min_prefix: int = 32
+
+    @classmethod
+    def recorded_for(cls, checkpoint_dir: Path) -> ValueCheck:
+        """The geometry a checkpoint's recorded evaluation judged the check with (its gate
+        holds for that geometry), else the default."""
+        evaluation, _ = read_evaluation(checkpoint_dir)
+        recorded = evaluation.get("value_check", {})
+        return cls(**{k: v for k, v in recorded.items() if k in cls.__dataclass_fields__})
 
     def points_for(self, length: int) -> list[int]:
         out = []

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from cache_store import AugmentationStore, open_store
 from cache_store.value import ValuePolicy
-from coprocessor_worker.coprocessor import Coprocessor, bundled_checkpoint_dir
+from coprocessor_worker.coprocessor import Coprocessor, ValueCheck, bundled_checkpoint_dir
 from coprocessor_worker.worker import AugmentationWorker, WorkerLimits, WorkerMetrics
 from deliberate.models import resolve_decoder
 from deliberate.settings import Settings
@@ -102,6 +102,7 @@ def make_worker(
         consumer=consumer,
         limits=limits,
         metrics=WorkerMetrics(registry),
+        check=ValueCheck.recorded_for(coprocessor_dir(settings)),
         policy=value_policy(settings),
     )
 
