@@ -79,10 +79,12 @@ KNOWN_METRICS = {
     "deliberate_worker_compute_seconds",
     "deliberate_worker_queue_lag_seconds",
     "deliberate_store_dead_lettered_total",
+    "deliberate_worker_value_estimate_ratio",
+    "deliberate_worker_value_change_ratio",
 }
 REQUEST_STATUSES = {
     "hit", "miss-enqueued", "miss-queue-full", "disabled", "too-short",
-    "store-unavailable", "skipped-unvalidated",
+    "store-unavailable", "skipped-unvalidated", "declined",
 }  # fmt: skip
 
 
@@ -609,7 +611,9 @@ def test_grafana_dashboard_shows_hit_rate_queue_ttft_and_worker_throughput(objec
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     exprs = {p["title"]: [t["expr"] for t in p["targets"]] for p in panels}
     titles = " | ".join(exprs).lower()
-    for wanted in ("hit rate", "queue depth", "time to first token", "worker throughput"):
+    for wanted in (
+        "hit rate", "queue depth", "time to first token", "worker throughput", "value check",
+    ):  # fmt: skip
         assert wanted in titles, wanted
     all_exprs = " ".join(e for es in exprs.values() for e in es)
     assert _metric_names(all_exprs) <= KNOWN_METRICS
@@ -619,6 +623,9 @@ def test_grafana_dashboard_shows_hit_rate_queue_ttft_and_worker_throughput(objec
     assert any("deliberate_worker_jobs_total" in e for e in throughput)
     depth = next(es for t, es in exprs.items() if "queue depth" in t.lower())
     assert any("deliberate_queue_length" in e for e in depth)
+    value = " ".join(e for t, es in exprs.items() if "value check" in t.lower() for e in es)
+    for series in ("deliberate_worker_value_estimate_ratio", 'outcome="declined"'):
+        assert series in value, series
     for status in re.findall(r'status=~?"([^"]+)"', all_exprs):
         assert set(status.split("|")) <= REQUEST_STATUSES
     ids = [p["id"] for p in dashboard["panels"]]
