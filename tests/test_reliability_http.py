@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from cache_store import open_store
 from deliberate.serving import warn_if_open
 from deliberate.settings import Settings
-from server import app as app_module
+from server import state as app_module
 from tests.fixtures.app_server import DecoderParts, make_state, serving
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.store_backends import FAST
