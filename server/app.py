@@ -9,19 +9,33 @@ logic lives in one module per endpoint (`serving_completions`, `serving_chat`,
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
+import vllm
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
 
 from cache_store.errors import StoreError
-from server import serving_augmentations, serving_chat, serving_completions
+from server import (
+    serving_augmentations,
+    serving_chat,
+    serving_completions,
+    serving_tokenization,
+)
 from server.errors import ApiError
 from server.generation import KEY_HEADER, STATUS_HEADER
 from server.middleware import BodySizeLimit, ConcurrencyLimit
-from server.protocol import AugmentationRequest, ChatCompletionRequest, CompletionRequest
+from server.protocol import (
+    AugmentationRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from server.state import (
     ANY_TENANT,
     Caller,
@@ -54,10 +68,12 @@ def create_app(
     max_request_bytes: int,
     max_concurrent_requests: int = 0,
     docs: bool = False,
+    http_metrics: bool = True,
 ) -> FastAPI:
     """The app. `max_concurrent_requests` (0: no limit) bounds generation and pre-warm
     requests in progress; `docs` serves /docs, /redoc and /openapi.json (off by default:
-    they describe the API to anyone who can reach the port)."""
+    they describe the API to anyone who can reach the port); `http_metrics` adds vLLM's
+    HTTP metrics (prometheus-fastapi-instrumentator) to the state's registry."""
     app = FastAPI(
         title="Deliberate",
         version="0.1.0",
@@ -71,8 +87,16 @@ def create_app(
         limit=max_concurrent_requests,
         on_refused=lambda: state.metrics.rejected.labels(code="503").inc(),
     )
-    # Added last, so it runs first: an oversized body never takes a concurrency slot.
+    # Added after the concurrency limit, so it runs first: an oversized body never takes a
+    # concurrency slot.
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    if http_metrics:
+        # vLLM's HTTP metrics (http_requests_total, http_request_duration_seconds, ...), on
+        # the outside, so that refusals by the limits above are counted too.
+        Instrumentator(
+            excluded_handlers=["/metrics", "/health", "/ready", "/version"],
+            registry=state.registry,
+        ).instrument(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -81,10 +105,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        return await _api_error(request, ApiError(400, message, param=where or None))
+        message, param = validation_message(exc.errors())
+        return await _api_error(request, ApiError(400, message, param=param))
 
     @app.exception_handler(StoreError)
     async def _store_down(request: Request, exc: StoreError) -> JSONResponse:
@@ -102,8 +124,18 @@ def create_app(
     auth = Depends(authorized)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        # As vLLM's: fails when the engine is dead, so the liveness probe restarts the pod.
+        try:
+            await state.engine.check_health()
+        except Exception as exc:
+            log.error("engine health check failed: %r", exc)
+            return JSONResponse({"status": "engine dead"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": vllm.__version__, "deliberate_version": app.version}
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -123,7 +155,10 @@ def create_app(
             scrape = {state.metrics_key: "metrics"} if state.metrics_key else {}
             if match_key(token, {**state.api_keys, **scrape}) is None:
                 raise invalid_key()
-        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(state.registry)
+        if state.engine_registry is not None and state.engine_registry is not state.registry:
+            text += generate_latest(state.engine_registry)  # vLLM's own `vllm:` series
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> dict[str, Any]:
@@ -131,14 +166,24 @@ def create_app(
             "object": "list",
             "data": [
                 {
-                    "id": state.model_name,
+                    "id": name,
                     "object": "model",
                     "created": state.created,
                     "owned_by": "deliberate",
+                    "root": state.model_name,
                     "max_model_len": state.max_model_len,
                 }
+                for name in state.served_names()
             ],
         }
+
+    @app.post("/tokenize", dependencies=[auth])
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await serving_tokenization.tokenize(state, body)
+
+    @app.post("/detokenize", dependencies=[auth])
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return await serving_tokenization.detokenize(state, body)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, caller: Caller = auth) -> Response:
@@ -157,3 +202,24 @@ def create_app(
         return await serving_augmentations.augmentation_status(state, key, caller)
 
     return app
+
+
+_PARAM_IN_MESSAGE = re.compile(r"^'?([a-z_]+)'?[: ]")
+
+
+def validation_message(errors: Any) -> tuple[str, str | None]:
+    """The first validation error as a message and the parameter it names. An unknown field
+    is refused by name: nothing a client sends is silently ignored."""
+    first = errors[0]
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    if first["type"] == "extra_forbidden":
+        return (
+            f"unsupported parameter '{where}': this server does not accept it "
+            "(docs/vllm-parity.md lists what it takes)",
+            where,
+        )
+    msg = first["msg"].removeprefix("Value error, ")
+    if where:
+        return f"{where}: {msg}", where
+    named = _PARAM_IN_MESSAGE.match(msg)
+    return msg, named.group(1) if named else None

@@ -44,11 +44,26 @@ class ServerState:
     created: int
     metrics_key: str | None = None
     """A bearer token that may read /metrics only (Prometheus' scrape token)."""
+    aliases: tuple[str, ...] = ()
+    """Further names the model answers to (vLLM's --served-model-name takes several)."""
+    chat_template: str | None = None
+    """The chat template to render with (vLLM's --chat-template); None: the tokenizer's."""
+    vocab_size: int | None = None
+    """Token ids in prompts must be below this (None: not checked here)."""
+    default_sampling: Mapping[str, Any] = field(default_factory=dict)
+    """Sampling defaults from the model's generation_config (vLLM's
+    `model_config.get_diff_sampling_param()`), used where a request sets none."""
+    engine_registry: CollectorRegistry | None = None
+    """Where vLLM's stat logger registers its `vllm:` series (prometheus_client's default
+    registry, or a multiprocess one); rendered on /metrics beside ours."""
     tokenizer_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenize")
     )
     """Tokenization and chat templating run here, off the event loop. One thread: a fast
     tokenizer is not safe to call from several threads at once."""
+
+    def served_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.aliases)
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,10 @@ async def test_docs_are_off_by_default_and_metrics_need_a_key(
             ready = await http.get("/ready")
             assert ready.status_code == 503
             assert ready.json() == {"status": "engine unavailable"}  # no exception text
-            assert (await http.get("/health")).status_code == 200
+            # /health fails too (vLLM's liveness): this engine's health check raises.
+            health = await http.get("/health")
+            assert health.status_code == 503
+            assert health.json() == {"status": "engine dead"}  # no exception text either
         await store.close()
         store = open_store(None, registry=CollectorRegistry())
         open_state = make_state(decoder_parts, store)
