@@ -26,17 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != f"deliberate.commands.{name}":
                 raise
             continue  # a subcommand that has not landed yet
+        passthrough = getattr(module, "PASSTHROUGH", None)
         child = sub.add_parser(
             name,
             help=module.HELP,
             description=module.__doc__ or module.HELP,
+            epilog=passthrough,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            # A subcommand passing unknown flags on (serve: vLLM's engine flags) must not
+            # take `--max-num` for one of its own by abbreviation.
+            allow_abbrev=passthrough is None,
         )
         module.add_arguments(child)
-        child.set_defaults(run=module.run)
+        child.set_defaults(run=module.run, passthrough=passthrough is not None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not args.passthrough:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
     sys.exit(args.run(args))

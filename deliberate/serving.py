@@ -13,9 +13,13 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
+from vllm.engine.arg_utils import AsyncEngineArgs
 
 from cache_store.checkpoint import CheckpointInfo
 from cache_store.fingerprint import decoder_fingerprint
@@ -31,7 +35,7 @@ from deliberate.wiring import (
 from server.app import ServerState, create_app, is_loopback
 from server.augmentation import Augmenter
 from server.embeddings import EmbeddingTable
-from server.engine import start_engine
+from server.engine import engine_args, served_names, start_engine
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("deliberate.serve")
@@ -55,13 +59,65 @@ def runs_embedded_worker(settings: Settings) -> bool:
     return settings.redis_url is None
 
 
-async def serve(settings: Settings) -> None:
+def engine_overrides(settings: Settings, model_dir: Path) -> dict[str, Any]:
+    """The engine arguments `deliberate serve` owns, set over vLLM's flags: the model is the
+    resolved decoder folder, the dtype is the one the embedding table is read in."""
+    overrides: dict[str, Any] = {
+        "model": str(model_dir),
+        "dtype": settings.compute_dtype(),
+        "enforce_eager": settings.enforce_eager,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+    }
+    if settings.max_model_len is not None:
+        overrides["max_model_len"] = settings.max_model_len
+    return overrides
+
+
+def build_engine_args(
+    settings: Settings, model_dir: Path, engine_argv: Sequence[str] = ()
+) -> AsyncEngineArgs:
+    args = engine_args(engine_argv, engine_overrides(settings, model_dir))
+    if args.served_model_name is None:  # vLLM's flag not given
+        args.served_model_name = settings.served_model_name or model_dir.name
+    return args
+
+
+def load_chat_template(template: str | None) -> str | None:
+    """As vLLM's --chat-template: a file's contents, or the template itself."""
+    if template is None:
+        return None
+    path = Path(template)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:
+        pass
+    if any(c in template for c in "{}"):
+        return template
+    raise ValueError(f"--chat-template {template!r}: neither a file nor a template")
+
+
+async def log_engine_stats(engine: Any, interval_s: float = 10.0) -> None:
+    """As `vllm serve`: vLLM's throughput and cache lines in the log every 10 s."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await engine.do_log_stats()
+        except Exception as exc:  # never let logging end the server
+            log.debug("engine stats: %r", exc)
+
+
+async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
+    """`engine_argv`: vLLM's own engine flags (`--max-num-seqs 64`, ...), passed through."""
     import torch
     from transformers import AutoTokenizer
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     api_keys = settings.api_key_tenants()  # a bad key file fails here, before the slow start
+    chat_template = load_chat_template(settings.chat_template)
     warn_if_open(settings.host, api_keys)
     model_dir = decoder_dir(settings)
+    args = build_engine_args(settings, model_dir, engine_argv)  # bad vLLM flags fail here
     checkpoint = CheckpointInfo.read(coprocessor_dir(settings))
     fingerprint = decoder_fingerprint(model_dir)
     checkpoint.require_decoder(fingerprint)  # before the slow engine start, not after
@@ -98,20 +154,32 @@ async def serve(settings: Settings) -> None:
     if runs_embedded_worker(settings):
         worker = make_worker(settings, store, registry)
         worker_task = asyncio.create_task(worker.run(worker_stop), name="embedded-worker")
-    engine = start_engine(model_dir, settings)
+    engine = start_engine(args, cpu_kv_cache_gib=settings.kv_cache_gib)
+    names = served_names(args)
+    model_config = engine.model_config
     state = ServerState(
         engine=engine,
-        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        tokenizer=AutoTokenizer.from_pretrained(
+            args.tokenizer, trust_remote_code=args.trust_remote_code
+        ),
         augmenter=augmenter,
-        model_name=settings.served_model_name or model_dir.name,
-        max_model_len=settings.max_model_len,
+        model_name=names[0],
+        aliases=names[1:],
+        max_model_len=model_config.max_model_len,
         max_context_tokens=settings.max_context_tokens,
         api_keys=api_keys,
         metrics=metrics,
         registry=registry,
         created=int(time.time()),
         metrics_key=settings.metrics_key,
+        chat_template=chat_template,
+        vocab_size=model_config.get_vocab_size(),
+        default_sampling=model_config.get_diff_sampling_param(),
+        engine_registry=None if args.disable_log_stats else get_prometheus_registry(),
     )
+    stats_task = None
+    if not args.disable_log_stats:
+        stats_task = asyncio.create_task(log_engine_stats(engine), name="engine-stats")
     app = create_app(
         state,
         max_request_bytes=settings.max_request_bytes,
@@ -129,6 +197,8 @@ async def serve(settings: Settings) -> None:
     try:
         await server.serve()
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         worker_stop.set()
         if worker_task is not None:
             with contextlib.suppress(asyncio.CancelledError):

@@ -28,10 +28,11 @@ class Settings(BaseSettings):
     coprocessor: Path | None = Field(
         None, description="coprocessor checkpoint folder; default: the bundled one"
     )
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description="compute dtype; auto: bfloat16 on GPUs and on CPUs with native bf16 "
-        "(AVX512_BF16 or AMX), float32 elsewhere (emulated bf16 is ~50x slower on AVX2)",
+        description="compute dtype; auto: bfloat16 on GPUs that have it (compute capability "
+        ">= 8.0) and on CPUs with native bf16 (AVX512_BF16 or AMX), float16 on older GPUs, "
+        "float32 on other CPUs (emulated bf16 is ~50x slower on AVX2)",
     )
 
     # --- store ------------------------------------------------------------------------------
@@ -71,7 +72,10 @@ class Settings(BaseSettings):
     )
 
     # --- decoder engine (vLLM) --------------------------------------------------------------
-    max_model_len: int = Field(4096, description="longest prompt + completion the engine takes")
+    max_model_len: int | None = Field(
+        None,
+        description="longest prompt + completion the engine takes; default: the model's (as vLLM)",
+    )
     enforce_eager: bool = Field(
         False, description="skip torch.compile (much faster start, slower decoding)"
     )
@@ -82,7 +86,14 @@ class Settings(BaseSettings):
         0.5, description="fraction of device memory vLLM may use (also gates the CPU backend)"
     )
     served_model_name: str | None = Field(
-        None, description="model name in the API; default: the decoder folder's name"
+        None,
+        description="model name in the API; default: the decoder folder's name (vLLM's "
+        "--served-model-name, which takes aliases too, overrides it)",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="chat template (a file, or the template itself) instead of the "
+        "tokenizer's, as vLLM's --chat-template",
     )
 
     # --- server -----------------------------------------------------------------------------
@@ -149,9 +160,12 @@ class Settings(BaseSettings):
         description="run the worker loop inside the server; default: only with the in-memory store",
     )
 
-    def compute_dtype(self) -> Literal["bfloat16", "float32"]:
+    def compute_dtype(self) -> Literal["bfloat16", "float16", "float32"]:
         if self.dtype != "auto":
             return self.dtype
+        gpu = _gpu_compute_capability()
+        if gpu is not None:
+            return "bfloat16" if gpu >= (8, 0) else "float16"
         return "bfloat16" if _has_fast_bf16() else "float32"
 
     def api_key_tenants(self) -> dict[str, str]:
@@ -195,13 +209,31 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
 
 
-def _has_fast_bf16() -> bool:
-    """A GPU, or a CPU with bf16 instructions; read from /proc/cpuinfo, not torch, so that
-    importing settings stays cheap."""
+def _gpu_compute_capability() -> tuple[int, int] | None:
+    """The first GPU's compute capability from nvidia-smi (not torch, so that importing
+    settings stays cheap); None without a GPU."""
     import shutil
+    import subprocess
 
-    if shutil.which("nvidia-smi"):
-        return True
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split()
+        major, _, minor = out[0].partition(".")
+        return int(major), int(minor or 0)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
+def _has_fast_bf16() -> bool:
+    """A CPU with bf16 instructions; read from /proc/cpuinfo, not torch, so that importing
+    settings stays cheap."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -90,7 +90,10 @@ def make_worker(
     limits = WorkerLimits(
         max_jobs=settings.worker_batch_max_jobs,
         max_tokens=settings.worker_batch_max_tokens,
-        max_prefix_tokens=min(settings.max_model_len, config["max_position_embeddings"])
+        max_prefix_tokens=min(
+            settings.max_model_len or config["max_position_embeddings"],
+            config["max_position_embeddings"],
+        )
         - model.n_latents,
         vocab_size=config["vocab_size"],
         block_s=settings.worker_claim_block_seconds,

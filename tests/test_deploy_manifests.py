@@ -81,6 +81,18 @@ KNOWN_METRICS = {
     "deliberate_store_dead_lettered_total",
     "deliberate_worker_value_estimate_ratio",
     "deliberate_worker_value_change_ratio",
+    # vLLM's own engine series (PrometheusStatLogger) and its HTTP metrics
+    # (prometheus-fastapi-instrumentator), on the same /metrics since issue 14.
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:prefix_cache_hits_total",
+    "vllm:prefix_cache_queries_total",
+    "http_requests_total",
 }
 REQUEST_STATUSES = {
     "hit", "miss-enqueued", "miss-queue-full", "disabled", "too-short",
@@ -560,7 +572,7 @@ def test_cpu_overlays_run_the_cpu_image_without_gpus(overlay, rendered, objects)
 
 
 def _metric_names(expr: str) -> set[str]:
-    names = set(re.findall(r"\b(deliberate_[a-z0-9_]+)", expr))
+    names = set(re.findall(r"\b(deliberate_[a-z0-9_]+|vllm:[a-z0-9_]+|http_[a-z0-9_]+)", expr))
     return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
 
 
@@ -630,6 +642,10 @@ def test_grafana_dashboard_shows_hit_rate_queue_ttft_and_worker_throughput(objec
         assert set(status.split("|")) <= REQUEST_STATUSES
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+    engine = " ".join(e for t, es in exprs.items() for e in es if "vllm:" in e)
+    for series in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+                   "vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds"):  # fmt: skip
+        assert series in engine, series
 
 
 # --- Dockerfiles -----------------------------------------------------------------------------

@@ -62,9 +62,6 @@ def test_requests_refuse_client_embeddings_and_bad_values() -> None:
         ChatCompletionRequest.model_validate({"model": "m", "messages": []})
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 3})
-    assert (
-        CompletionRequest.model_validate(
-            {"model": "m", "prompt": "x", "user": "someone", "logit_bias": {}}
-        ).prompt_text()
-        == "x"
-    )
+    assert CompletionRequest.model_validate(
+        {"model": "m", "prompt": "x", "user": "someone", "logit_bias": {}}
+    ).prompts() == ["x"]

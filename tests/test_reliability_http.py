@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from cache_store import open_store
 from deliberate.serving import warn_if_open
 from deliberate.settings import Settings
-from server import app as app_module
+from server import state as app_module
 from tests.fixtures.app_server import DecoderParts, make_state, serving
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.store_backends import FAST
@@ -237,7 +237,10 @@ async def test_docs_are_off_by_default_and_metrics_need_a_key(
             ready = await http.get("/ready")
             assert ready.status_code == 503
             assert ready.json() == {"status": "engine unavailable"}  # no exception text
-            assert (await http.get("/health")).status_code == 200
+            # /health fails too (vLLM's liveness): this engine's health check raises.
+            health = await http.get("/health")
+            assert health.status_code == 503
+            assert health.json() == {"status": "engine dead"}  # no exception text either
         await store.close()
         store = open_store(None, registry=CollectorRegistry())
         open_state = make_state(decoder_parts, store)

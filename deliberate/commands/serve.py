@@ -19,6 +19,14 @@ from deliberate.commands import (
 )
 
 HELP = "serve the OpenAI-compatible API (embedded default: one process does everything)"
+PASSTHROUGH = """vLLM's engine flags:
+  every other flag is vLLM's own (AsyncEngineArgs, as `vllm serve` takes them) and goes to
+  the engine: --tensor-parallel-size, --max-num-seqs, --max-num-batched-tokens,
+  --quantization, --kv-cache-dtype, --trust-remote-code, --served-model-name NAME [ALIAS
+  ...], --kv-transfer-config, --disable-log-stats, ... (list them with
+  `python -m vllm.entrypoints.openai.api_server --help`). Prompt embeddings are always on.
+  --model, --dtype, --max-model-len, --enforce-eager and --gpu-memory-utilization are this
+  command's own (above)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "enforce_eager",
         "kv_cache_gib",
         "gpu_memory_utilization",
-        "served_model_name",
+        "chat_template",
     )
 
 
@@ -61,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
     from deliberate.serving import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(serve(settings_from_args(args)))
+    asyncio.run(serve(settings_from_args(args), getattr(args, "extra_args", [])))
     return 0
