@@ -52,6 +52,9 @@ _ENQUEUE_STATUS = {
 }
 
 
+_MAX_CACHED_VERDICTS = 4096
+
+
 @dataclass(frozen=True)
 class Plan:
     """What to send to vLLM, and what to tell the client about it."""
@@ -157,7 +160,11 @@ class Augmenter:
                     EnqueueOutcome.ALREADY_PENDING,
                     EnqueueOutcome.ALREADY_READY,
                 ):
-                    payload = await self._wait_and_fetch(job, min(wait_s, self.max_wait_s))
+                    waited = await self.store.wait_ready(job.key, min(wait_s, self.max_wait_s))
+                    if waited.state is KeyState.READY:
+                        payload = await self._lookup(job)
+                    elif waited.state is KeyState.DECLINED:
+                        return plain(AugmentationStatus.DECLINED, job.key, waited.reason)
                 if payload is None:
                     return plain(_ENQUEUE_STATUS[outcome], job.key)
             refusal = await self._value_refusal(job, payload)
@@ -214,14 +221,10 @@ class Augmenter:
                 "value",
             )
             cached = (now + self.value_refresh_s, verdict(tenant_est, overall, self.value_policy))
+            if len(self._verdicts) >= _MAX_CACHED_VERDICTS:  # tenants may be many
+                self._verdicts = {t: v for t, v in self._verdicts.items() if v[0] > now}
             self._verdicts[job.tenant] = cached
         return None if cached[1].serve else cached[1].reason
-
-    async def _wait_and_fetch(self, job: Job, wait_s: float) -> Payload | None:
-        status = await self.store.wait_ready(job.key, wait_s)
-        if status.state is not KeyState.READY:
-            return None
-        return await self._lookup(job)
 
     def expectation(self, job: Job) -> PayloadExpectation:
         return PayloadExpectation(
