@@ -4,6 +4,10 @@ Delivery is at least once and publishing is idempotent, so the loop never needs 
 whether a job was seen before: a worker that dies mid-batch leaves its jobs pending, the
 store hands them to another worker after the visibility timeout, and the duplicate result
 overwrites an identical payload.
+
+Every batch also runs the value check (docs/architecture.md): each context's figure is
+recorded in the store's shared estimates and in its payload, and a context whose latents are
+confidently harmful is declined instead of published.
 """
 
 from __future__ import annotations
@@ -232,8 +236,7 @@ class AugmentationWorker:
                 # already counts this context's evidence.
                 await self.store.record_value(job.coprocessor_fp, job.tenant, figure.delta)
                 self.metrics.value_change.observe(figure.relative_change)
-            if confidently_harmful(figure, self.policy):
-                assert figure is not None
+            if figure is not None and confidently_harmful(figure, self.policy):
                 await self.store.decline(delivery, figure, _decline_reason(figure))
                 self._count("declined")
                 continue
