@@ -494,20 +494,27 @@ class RedisStore(AugmentationStore):
         await self._run("ack", [JOB_STREAM], [CONSUMER_GROUP, delivery.stream_id])
         await self._announce(key, KeyState.READY.value)
 
-    async def _decline(self, delivery: Delivery, reason: str, value: ValueFigure) -> None:
+    async def _mark_finished(
+        self,
+        delivery: Delivery,
+        state: KeyState,
+        reason: str,
+        ttl_s: float,
+        value: ValueFigure | None = None,
+    ) -> None:
+        """Mark a job's key failed or declined (with expiry) and drop its claim."""
         key = delivery.job.key
         await self._run(
             "mark_finished",
             [state_key(key), claim_key(key)],
-            [
-                KeyState.DECLINED.value,
-                reason,
-                delivery.deliveries,
-                _ms(self.config.declined_ttl_s),
-                repr(time.time()),
-                delivery.job.tenant,
-                *_value_fields(value),
-            ],
+            [state.value, reason, delivery.deliveries, _ms(ttl_s), repr(time.time()),
+             delivery.job.tenant, *_value_fields(value)],
+        )  # fmt: skip
+
+    async def _decline(self, delivery: Delivery, reason: str, value: ValueFigure) -> None:
+        key = delivery.job.key
+        await self._mark_finished(
+            delivery, KeyState.DECLINED, reason, self.config.declined_ttl_s, value
         )
         await self._run("ack", [JOB_STREAM], [CONSUMER_GROUP, delivery.stream_id])
         await self._announce(key, KeyState.DECLINED.value)
@@ -529,18 +536,7 @@ class RedisStore(AugmentationStore):
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         key = delivery.job.key
-        await self._run(
-            "mark_finished",
-            [state_key(key), claim_key(key)],
-            [
-                KeyState.FAILED.value,
-                reason,
-                delivery.deliveries,
-                _ms(self.config.failed_ttl_s),
-                repr(time.time()),
-                delivery.job.tenant,
-            ],
-        )
+        await self._mark_finished(delivery, KeyState.FAILED, reason, self.config.failed_ttl_s)
         await self._bury(
             delivery.stream_id, key, reason, delivery.deliveries, delivery.job.to_json(),
             delivery.consumer,
