@@ -78,62 +78,66 @@ async def serve(settings: Settings) -> None:
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
     store = make_store(settings, registry)
-    dtype = getattr(torch, settings.compute_dtype())
-    augmenter = Augmenter(
-        store=store,
-        embeddings=EmbeddingTable.load(model_dir, dtype),
-        decoder_fp=fingerprint,
-        coprocessor=checkpoint,
-        default_tenant=settings.tenant,
-        min_context_tokens=settings.min_context_tokens,
-        lookup_timeout_s=settings.lookup_timeout_seconds,
-        max_wait_s=settings.max_augment_wait_seconds,
-        allow_unvalidated=settings.allow_unvalidated_coprocessor,
-        value_policy=value_policy(settings),
-        value_refresh_s=settings.value_refresh_seconds,
-        metrics=metrics,
-    )
     worker_stop = asyncio.Event()
     worker_task = None
-    if runs_embedded_worker(settings):
-        worker = make_worker(settings, store, registry)
-        worker_task = asyncio.create_task(worker.run(worker_stop), name="embedded-worker")
-    engine = start_engine(model_dir, settings)
-    state = ServerState(
-        engine=engine,
-        tokenizer=AutoTokenizer.from_pretrained(model_dir),
-        augmenter=augmenter,
-        model_name=settings.served_model_name or model_dir.name,
-        max_model_len=settings.max_model_len,
-        max_context_tokens=settings.max_context_tokens,
-        api_keys=api_keys,
-        metrics=metrics,
-        registry=registry,
-        created=int(time.time()),
-        metrics_key=settings.metrics_key,
-    )
-    app = create_app(
-        state,
-        max_request_bytes=settings.max_request_bytes,
-        max_concurrent_requests=settings.max_concurrent_requests,
-        docs=settings.docs,
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
-    )
-    # uvicorn stops on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
-    # before; a no-op one lets the cleanup below (worker batch, engine, store) run, and the
-    # process exit 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    engine = None
+    # Everything after the store is opened may fail (the coprocessor or the engine refusing
+    # to start): the embedded worker is then stopped and the store closed, not left behind.
     try:
+        dtype = getattr(torch, settings.compute_dtype())
+        augmenter = Augmenter(
+            store=store,
+            embeddings=EmbeddingTable.load(model_dir, dtype),
+            decoder_fp=fingerprint,
+            coprocessor=checkpoint,
+            default_tenant=settings.tenant,
+            min_context_tokens=settings.min_context_tokens,
+            lookup_timeout_s=settings.lookup_timeout_seconds,
+            max_wait_s=settings.max_augment_wait_seconds,
+            allow_unvalidated=settings.allow_unvalidated_coprocessor,
+            value_policy=value_policy(settings),
+            value_refresh_s=settings.value_refresh_seconds,
+            metrics=metrics,
+        )
+        if runs_embedded_worker(settings):
+            worker = make_worker(settings, store, registry)
+            worker_task = asyncio.create_task(worker.run(worker_stop), name="embedded-worker")
+        engine = start_engine(model_dir, settings)
+        state = ServerState(
+            engine=engine,
+            tokenizer=AutoTokenizer.from_pretrained(model_dir),
+            augmenter=augmenter,
+            model_name=settings.served_model_name or model_dir.name,
+            max_model_len=settings.max_model_len,
+            max_context_tokens=settings.max_context_tokens,
+            api_keys=api_keys,
+            metrics=metrics,
+            registry=registry,
+            created=int(time.time()),
+            metrics_key=settings.metrics_key,
+        )
+        app = create_app(
+            state,
+            max_request_bytes=settings.max_request_bytes,
+            max_concurrent_requests=settings.max_concurrent_requests,
+            docs=settings.docs,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
+        )
+        # uvicorn stops on SIGTERM/SIGINT, then re-raises the signal to whatever handler was
+        # there before; a no-op one lets the cleanup below (worker batch, engine, store) run,
+        # and the process exit 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         await server.serve()
     finally:
         worker_stop.set()
         if worker_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker_task
-        engine.shutdown()
+        if engine is not None:
+            engine.shutdown()
         await store.close()
 
 
