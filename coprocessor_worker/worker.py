@@ -290,7 +290,7 @@ class AugmentationWorker:
                 continue
             try:
                 renewed = await self.store.renew(held)
-            except StoreUnavailable as exc:
+            except Exception as exc:  # an outage: try again at the next beat
                 log.warning("heartbeat: could not renew %d claims: %s", len(held), exc)
                 continue
             kept = {d.stream_id for d in renewed}
