@@ -245,3 +245,49 @@ async def test_a_slow_batch_keeps_its_claim_and_the_rest_goes_to_other_workers(
     finally:
         await slow_store.close()
         await fast_store.close()
+
+
+async def test_workers_remove_dead_consumers_from_the_group(
+    coprocessor: Coprocessor, redis: RedisServer
+) -> None:
+    import redis as redis_sync
+
+    from cache_store import CONSUMER_GROUP, JOB_STREAM
+
+    store = open_store(redis.url)
+    (job,) = jobs(coprocessor, (12,), seed=14)
+    try:
+        # A worker that held a job, finished it and went away; and one that died holding one.
+        await store.enqueue(job)
+        [delivery] = await store.claim_jobs("gone-idle", block_s=0.5)
+        await store.release(delivery)
+        assert await store.claim_jobs("gone-holding", block_s=0.5) != []
+        assert await store.claim_jobs("gone-idle", block_s=0.0) == []
+        worker = make_worker(store, Faulty(coprocessor, delay_s=30), "alive",
+                             dead_consumer_s=0.5, prune_interval_s=0.2)  # fmt: skip
+        await asyncio.sleep(0.6)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        client = redis_sync.Redis.from_url(redis.url)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                names = {c["name"].decode() for c in
+                         client.xinfo_consumers(JOB_STREAM, CONSUMER_GROUP)}  # fmt: skip
+                if "gone-idle" not in names:
+                    break
+                await asyncio.sleep(0.1)
+            # Removed: the idle one that held nothing. Kept: the one holding a job (its
+            # entry would become unclaimable). The live worker has not been delivered
+            # anything, so Redis has not made it a consumer yet.
+            assert names == {"gone-holding"}, names
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+            client.close()
+        removed = store.metrics.registry.get_sample_value(
+            "deliberate_store_consumers_removed_total"
+        )
+        assert removed == 1
+    finally:
+        await store.close()
