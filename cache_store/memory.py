@@ -136,6 +136,8 @@ class MemoryStore(AugmentationStore):
         self._last_id = (0, 0)
         self._jobs_available = asyncio.Event()
         self._values: dict[str, ValueEstimate] = {}
+        self._consumers: dict[str, float] = {}
+        """Consumer name -> monotonic time of its last claim (Redis's consumer idle time)."""
 
     # ------------------------------------------------------------------ payloads and states
 
@@ -232,6 +234,7 @@ class MemoryStore(AugmentationStore):
     def _take(self, consumer: str, max_jobs: int) -> list[Delivery]:
         """Reclaimed entries first (oldest first), then new ones; dead-letter the worn out."""
         now = time.monotonic()
+        self._consumers[consumer] = now
         taken: list[_Entry] = []
         for entry in self._in_hand.values():
             if len(taken) >= max_jobs:
@@ -366,6 +369,41 @@ class MemoryStore(AugmentationStore):
         entry.deliveries = max(0, entry.deliveries - 1)
         entry.released = True
         self._jobs_available.set()
+
+    async def _renew(self, deliveries: list[Delivery]) -> set[str]:
+        now = time.monotonic()
+        renewed: set[str] = set()
+        for delivery in deliveries:
+            entry = self._in_hand.get(delivery.stream_id)
+            if entry is None or entry.consumer != delivery.consumer or entry.released:
+                continue  # finished, taken over by another consumer, or handed back
+            entry.delivered_at = now
+            # _in_hand stays ordered by delivery time, oldest first.
+            self._in_hand[delivery.stream_id] = self._in_hand.pop(delivery.stream_id)
+            renewed.add(delivery.stream_id)
+        return renewed
+
+    async def _clear_failed(self, key: str) -> None:
+        record = self._records.get(key, time.monotonic())
+        if record is not None and record.state is KeyState.FAILED:
+            self._records.pop(key)
+
+    async def _drop_dead_letter(self, stream_id: str) -> None:
+        kept = [letter for letter in self._dead if letter.stream_id != stream_id]
+        self._dead.clear()
+        self._dead.extend(kept)
+
+    async def _prune_consumers(self, idle_s: float, keep: str | None) -> list[str]:
+        now = time.monotonic()
+        busy = {entry.consumer for entry in self._in_hand.values()}
+        removed = [
+            name
+            for name, seen in self._consumers.items()
+            if name != keep and name not in busy and now - seen >= idle_s
+        ]
+        for name in removed:
+            del self._consumers[name]
+        return removed
 
     async def _ack(self, delivery: Delivery) -> None:
         self._remove_entry(delivery.stream_id)

@@ -112,6 +112,33 @@ class StoreMetrics:
             ["op"],
             registry=registry,
         )
+        self.renewed = Counter(
+            "deliberate_store_renewed_total",
+            "Claims renewed by a worker's heartbeat while it computes (idle clock restarted, "
+            "no delivery used up)",
+            registry=registry,
+        )
+        self.renew_lost = Counter(
+            "deliberate_store_renew_lost_total",
+            "Claims a heartbeat found no longer in its consumer's hands (taken over or finished)",
+            registry=registry,
+        )
+        self.orphaned_claims = Counter(
+            "deliberate_store_orphaned_claims_total",
+            "Pending claims released by enqueue because their stream entry was gone (lost in "
+            "a failover, XTRIM or DEL), so the key could be enqueued again",
+            registry=registry,
+        )
+        self.consumers_removed = Counter(
+            "deliberate_store_consumers_removed_total",
+            "Idle consumers with no pending jobs removed from the consumer group",
+            registry=registry,
+        )
+        self.requeued = Counter(
+            "deliberate_store_requeued_total",
+            "Dead letters put back on the job queue (deliberate dlq requeue)",
+            registry=registry,
+        )
         self.breaker_opened = Counter(
             "deliberate_store_breaker_opened_total",
             "Times the store's circuit breaker opened (consecutive failures reached the limit)",

@@ -203,8 +203,8 @@ def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadRejected(CORRUPT, f"header is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        raise PayloadRejected(CORRUPT, f"header is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(header, dict):
         raise PayloadRejected(CORRUPT, "header is not a JSON object")
     return header, 8 + header_len

@@ -84,12 +84,30 @@ local function owned()
   return 'claimed'
 end
 if redis.call('SET', KEYS[3], value, 'NX', 'PX', ARGV[2]) then return owned() end
-local born = tonumber(string.match(redis.call('GET', KEYS[3]) or '', '^t:%x+:(%d+)$'))
+local held = redis.call('GET', KEYS[3]) or ''
+local born = tonumber(string.match(held, '^t:%x+:(%d+)$'))
 if born and now - born >= tonumber(ARGV[3]) then
   redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
   return owned()
 end
-return 'pending'
+-- The claim and Redis's time, so the client can check that a "j:" claim's stream entry
+-- still exists (the stream lives in another Cluster slot: not from this script).
+return {'pending', held, now}
+"""
+
+# KEYS: claim, state. ARGV: the claim value seen. Releases a claim whose stream entry was
+# found gone, unless the claim changed meanwhile.
+_DROP_ORPHAN = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[2], 'state') == 'pending' then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# KEYS: state. Clears a failed mark (dead letters requeued by an operator).
+_CLEAR_FAILED = """
+if redis.call('HGET', KEYS[1], 'state') == 'failed' then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 # KEYS: claim. ARGV: token, entry id. Marks the claim as backed by a stream entry.
@@ -193,6 +211,40 @@ end
 return {r[1], out}
 """
 
+# KEYS: stream. ARGV: group, consumer, ids... Restarts the idle clock of the entries this
+# consumer still holds (JUSTID: the delivery count is not incremented); an entry another
+# consumer took over is left alone. Returns the ids renewed.
+_RENEW = """
+local out = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    local r = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    if r[1] then table.insert(out, ARGV[i]) end
+  end
+end
+return out
+"""
+
+# KEYS: stream. ARGV: group, idle ms, consumer to keep. Deletes consumers with no pending
+# entries idle that long; one script, so a consumer cannot claim a job between the check and
+# the delete (DELCONSUMER would make its pending entries unclaimable).
+_PRUNE_CONSUMERS = """
+local ok, infos = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return {} end
+local out = {}
+for _, c in ipairs(infos) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if tonumber(f['pending']) == 0 and tonumber(f['idle']) >= tonumber(ARGV[2])
+     and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    table.insert(out, f['name'])
+  end
+end
+return out
+"""
+
 # KEYS: stream. ARGV: group, id, consumer, idle ms, retry count. Hands an entry back: idle
 # past the visibility timeout (next XAUTOCLAIM takes it) with its delivery count restored.
 _RELEASE = """
@@ -264,6 +316,10 @@ class RedisStore(AugmentationStore):
                 "ack": _ACK,
                 "reclaim": _RECLAIM,
                 "release": _RELEASE,
+                "renew": _RENEW,
+                "prune_consumers": _PRUNE_CONSUMERS,
+                "drop_orphan": _DROP_ORPHAN,
+                "clear_failed": _CLEAR_FAILED,
             }.items()
         }
         self._group_ready = False
@@ -334,19 +390,16 @@ class RedisStore(AugmentationStore):
     async def _enqueue(self, job: Job) -> EnqueueOutcome:
         claim = claim_key(job.key)
         token = uuid.uuid4().hex
-        verdict = _text(
-            await self._run(
-                "enqueue_claim",
-                [payload_key(job.key), state_key(job.key), claim],
-                [token, _ms(self.config.pending_ttl_s), _ms(_UNCONFIRMED_CLAIM_S), job.tenant],
-            )
-        )
+        verdict = await self._enqueue_claim(job, token)
+        if verdict == "orphaned":
+            verdict = await self._enqueue_claim(job, token)  # the lost job's claim is gone
         if verdict != "claimed":
             return {
                 "ready": EnqueueOutcome.ALREADY_READY,
                 "failed": EnqueueOutcome.FAILED,
                 "declined": EnqueueOutcome.DECLINED,
                 "pending": EnqueueOutcome.ALREADY_PENDING,
+                "orphaned": EnqueueOutcome.ALREADY_PENDING,  # released twice in a row: a race
             }[verdict]
         entry_id = await self._run(
             "xadd_bounded", [JOB_STREAM], [self.config.max_queue_length, job.to_json()]
@@ -356,6 +409,49 @@ class RedisStore(AugmentationStore):
             return EnqueueOutcome.QUEUE_FULL
         await self._run("confirm_claim", [claim], [token, _text(entry_id)])
         return EnqueueOutcome.ENQUEUED
+
+    async def _enqueue_claim(self, job: Job, token: str) -> str:
+        """Take the key's claim: claimed, ready, failed, declined, pending, or orphaned (a
+        claim whose job was lost from the stream was found and released: try again)."""
+        reply = await self._run(
+            "enqueue_claim",
+            [payload_key(job.key), state_key(job.key), claim_key(job.key)],
+            [token, _ms(self.config.pending_ttl_s), _ms(_UNCONFIRMED_CLAIM_S), job.tenant],
+        )
+        if not isinstance(reply, list):
+            return _text(reply)
+        _, held, now_ms = reply
+        if await self._release_orphan(job.key, _text(held), int(now_ms)):
+            return "orphaned"
+        return "pending"
+
+    async def _release_orphan(self, key: str, held: str, now_ms: int) -> bool:
+        """Release the claim `held` ("j:<entry id>") of `key` if it is older than the
+        visibility timeout and its stream entry no longer exists (lost in a Cluster failover
+        of the stream's shard, XTRIM, DEL): else the key would stay pending, refusing new
+        jobs, until the claim's pending_ttl_s ran out. Only pending keys older than the
+        visibility timeout pay the extra XRANGE round trip."""
+        if not held.startswith("j:"):
+            return False
+        entry_id = held[2:]
+        try:
+            born_ms = int(entry_id.split("-", 1)[0])
+        except ValueError:
+            return False
+        if now_ms - born_ms < _ms(self.config.visibility_timeout_s):
+            return False
+        if await self._client.xrange(JOB_STREAM, entry_id, entry_id, count=1):
+            return False
+        released = await self._run("drop_orphan", [claim_key(key), state_key(key)], [held])
+        if released:
+            self.metrics.orphaned_claims.inc()
+            log.warning(
+                "store: key %s was pending on stream entry %s, which no longer exists; its "
+                "claim was released so the job can be enqueued again",
+                key,
+                entry_id,
+            )
+        return bool(released)
 
     async def _ensure_group(self, *, force: bool = False) -> None:
         if self._group_ready and not force:
@@ -550,6 +646,25 @@ class RedisStore(AugmentationStore):
             [CONSUMER_GROUP, delivery.stream_id, delivery.consumer,
              _ms(self.config.visibility_timeout_s) + 1, max(0, delivery.deliveries - 1)],
         )  # fmt: skip
+
+    async def _renew(self, deliveries: list[Delivery]) -> set[str]:
+        ids = [d.stream_id for d in deliveries]
+        renewed = await self._run(
+            "renew", [JOB_STREAM], [CONSUMER_GROUP, deliveries[0].consumer, *ids]
+        )
+        return {_text(entry_id) for entry_id in renewed}
+
+    async def _clear_failed(self, key: str) -> None:
+        await self._run("clear_failed", [state_key(key)], [])
+
+    async def _drop_dead_letter(self, stream_id: str) -> None:
+        await self._client.xdel(DEAD_LETTER_STREAM, stream_id)
+
+    async def _prune_consumers(self, idle_s: float, keep: str | None) -> list[str]:
+        removed = await self._run(
+            "prune_consumers", [JOB_STREAM], [CONSUMER_GROUP, _ms(idle_s), keep or ""]
+        )
+        return [_text(name) for name in removed]
 
     async def _ack(self, delivery: Delivery) -> None:
         key = delivery.job.key

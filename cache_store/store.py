@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 
 from cache_store.breaker import CircuitBreaker
 from cache_store.errors import (
     CircuitOpen,
+    MalformedJob,
     PayloadRejected,
     PayloadTooLarge,
     StoreRefused,
@@ -155,21 +157,26 @@ class AugmentationStore(ABC):
         """Store the payload (with TTL), mark the key ready, wake waiters, ack the job.
         Idempotent: publishing a redelivered job again is harmless. The payload is verified
         against the job first, so a worker bug cannot store latents under a wrong key."""
+        payload = self.verify_payload(delivery, payload_bytes)
+        async with self._op("publish"):
+            await self._publish(delivery, payload_bytes, payload.value)
+        self.metrics.published.inc()
+        self.metrics.payload_bytes.observe(len(payload_bytes))
+
+    def verify_payload(self, delivery: Delivery, payload_bytes: bytes) -> Payload:
+        """The checks `publish` makes, without storing anything: raises PayloadTooLarge or
+        PayloadRejected (counted) unless the payload may be published for this job. A worker
+        calls it before recording anything about the job, so a job whose result cannot be
+        published leaves no trace but its failure."""
         size = len(payload_bytes)
         if size > self.config.max_payload_bytes:
             self.metrics.rejected.labels(TOO_LARGE).inc()
             raise PayloadTooLarge(size, self.config.max_payload_bytes)
         try:
-            payload = decode_payload(
-                payload_bytes, expected=PayloadExpectation.for_job(delivery.job)
-            )
+            return decode_payload(payload_bytes, expected=PayloadExpectation.for_job(delivery.job))
         except PayloadRejected as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             raise
-        async with self._op("publish"):
-            await self._publish(delivery, payload_bytes, payload.value)
-        self.metrics.published.inc()
-        self.metrics.payload_bytes.observe(size)
 
     async def decline(self, delivery: Delivery, value: ValueFigure, reason: str) -> None:
         """Finish a job without a payload because its latents were measured harmful: the key
@@ -209,6 +216,26 @@ class AugmentationStore(ABC):
         async with self._op("release"):
             await self._release(delivery)
 
+    async def renew(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Extend the claim on jobs a worker is still computing: each entry's idle clock
+        restarts, so it is not reclaimed after the visibility timeout, and no delivery is
+        used up (Redis: XCLAIM ... JUSTID). Only entries still in their consumer's hands are
+        renewed; returns those. A delivery missing from the answer was finished or taken
+        over by another consumer meanwhile (counted in deliberate_store_renew_lost_total)."""
+        deliveries = list(deliveries)
+        if not deliveries:
+            return []
+        consumers = {d.consumer for d in deliveries}
+        if len(consumers) != 1 or not next(iter(consumers)):
+            raise ValueError(f"renew takes deliveries of one named consumer, got {consumers}")
+        async with self._op("renew"):
+            held = await self._renew(deliveries)
+        renewed = [d for d in deliveries if d.stream_id in held]
+        self.metrics.renewed.inc(len(renewed))
+        if len(renewed) < len(deliveries):
+            self.metrics.renew_lost.inc(len(deliveries) - len(renewed))
+        return renewed
+
     async def ack(self, delivery: Delivery) -> None:
         """Drop a job without a result (e.g. its key is already ready); the key's pending
         claim is removed so a later miss may enqueue again."""
@@ -229,6 +256,46 @@ class AugmentationStore(ABC):
         """The most recent dead letters, newest first."""
         async with self._op("dead_letters"):
             return await self._dead_letters(count)
+
+    async def requeue(self, letter: DeadLetter) -> EnqueueOutcome:
+        """Put a dead letter's job back on the queue: its key's failed mark is cleared, the
+        job enqueued afresh (new enqueue time, deliveries from 0) and, unless the queue is
+        full, the dead letter removed. Raises MalformedJob for a letter that holds no valid
+        job (an entry that was never one of ours)."""
+        if letter.key is None:
+            raise MalformedJob(
+                f"dead letter {letter.stream_id} holds no valid job ({letter.reason}); "
+                "it cannot be requeued"
+            )
+        job = Job.from_json(letter.job_json)
+        if job.key != letter.key:
+            raise MalformedJob(f"dead letter {letter.stream_id} names key {letter.key}, its job "
+                               f"is for {job.key}")  # fmt: skip
+        job = dataclasses.replace(job, enqueued_at=time.time())
+        async with self._op("requeue"):
+            await self._clear_failed(job.key)
+            outcome = await self._enqueue(job)
+            if outcome not in (EnqueueOutcome.QUEUE_FULL, EnqueueOutcome.FAILED):
+                # Enqueued, or already ready, pending or declined: no longer a dead job.
+                await self._drop_dead_letter(letter.stream_id)
+        self.metrics.enqueues.labels(outcome.value).inc()
+        if outcome is EnqueueOutcome.ENQUEUED:
+            self.metrics.requeued.inc()
+        return outcome
+
+    async def prune_consumers(self, idle_s: float, *, keep: str | None = None) -> list[str]:
+        """Remove consumers of the group that hold no pending job and have been idle for
+        `idle_s` or more (workers that stopped or restarted under a new name); `keep` (the
+        caller's own name) is never removed. Atomic per consumer: one that claims a job
+        meanwhile is kept. Returns the names removed."""
+        if not idle_s > 0:
+            raise ValueError(f"idle_s must be positive, got {idle_s}")
+        async with self._op("prune_consumers"):
+            removed = await self._prune_consumers(idle_s, keep)
+        if removed:
+            self.metrics.consumers_removed.inc(len(removed))
+            log.info("store: removed %d idle consumers: %s", len(removed), ", ".join(removed))
+        return removed
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the backend answers (readiness probes)."""
@@ -382,6 +449,21 @@ class AugmentationStore(ABC):
 
     @abstractmethod
     async def _ack(self, delivery: Delivery) -> None: ...
+
+    @abstractmethod
+    async def _renew(self, deliveries: list[Delivery]) -> set[str]:
+        """Restart the idle clock of the entries still held by their (one) consumer, without
+        counting a delivery; return the stream ids renewed."""
+
+    @abstractmethod
+    async def _clear_failed(self, key: str) -> None:
+        """Remove the failed mark of `key`, if it has one (any other state is left alone)."""
+
+    @abstractmethod
+    async def _drop_dead_letter(self, stream_id: str) -> None: ...
+
+    @abstractmethod
+    async def _prune_consumers(self, idle_s: float, keep: str | None) -> list[str]: ...
 
     @abstractmethod
     async def _queue_stats(self) -> QueueStats: ...

@@ -101,7 +101,9 @@ class Job:
         corrupted or forged entry cannot publish latents under another prefix's key."""
         try:
             data: Any = json.loads(text)
-            if not isinstance(data, dict) or data.get("v") != JOB_SCHEMA_VERSION:
+            if not isinstance(data, dict):
+                raise ValueError(f"a job is a JSON object, not {type(data).__name__}")
+            if data.get("v") != JOB_SCHEMA_VERSION:
                 raise ValueError(f"unsupported job schema {data.get('v')!r}")
             token_ids = data["token_ids"]
             if not isinstance(token_ids, list) or not all(
@@ -116,8 +118,11 @@ class Job:
                 token_ids=token_ids,
                 enqueued_at=float(data["enqueued_at"]),
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MalformedJob(f"job entry is not a valid Deliberate job: {exc}") from exc
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            # OverflowError: an enqueued_at past float's range; RecursionError: JSON nested
+            # deeper than the parser's recursion limit.
+            detail = str(exc)[:200]
+            raise MalformedJob(f"job entry is not a valid Deliberate job: {detail}") from exc
         job.verify()
         return job
 

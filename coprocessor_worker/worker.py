@@ -8,6 +8,11 @@ overwrites an identical payload.
 Every batch also runs the value check (docs/architecture.md): each context's figure is
 recorded in the store's shared estimates and in its payload, and a context whose latents are
 confidently harmful is declined instead of published.
+
+One claim is one batch: what does not fit the batch is handed back at once, so no job's
+visibility clock runs while it waits behind another batch, and a heartbeat renews the
+batch's claims while it computes. A batch whose compute or publish fails is split in halves
+and retried, down to single jobs, so only the job that fails alone is dead-lettered.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Protocol
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cache_store.errors import StoreUnavailable
 from cache_store.payload import encode_payload
 from cache_store.store import AugmentationStore
 from cache_store.types import Delivery, Job
@@ -59,6 +65,10 @@ class WorkerLimits:
     block_s: float = 1.0
     stats_interval_s: float = 10.0
     """How often the worker refreshes the store's deliberate_queue_* gauges."""
+    dead_consumer_s: float = 3600.0
+    """Consumers of the group idle this long and holding no job are removed."""
+    prune_interval_s: float = 600.0
+    """How often the worker removes such dead consumers."""
 
 
 class WorkerMetrics:
@@ -140,6 +150,35 @@ def plan_batches(deliveries: Sequence[Delivery], limits: WorkerLimits) -> list[l
     return batches
 
 
+def take_batch(
+    deliveries: Sequence[Delivery], limits: WorkerLimits
+) -> tuple[list[Delivery], list[Delivery]]:
+    """The one batch to compute now, and the rest of the claim to hand back: the planned
+    batch that holds the job waiting longest, so a long prefix among many short ones is not
+    passed over claim after claim."""
+    batches = plan_batches(deliveries, limits)
+    if not batches:
+        return [], []
+    oldest = min(deliveries, key=lambda d: d.job.enqueued_at)
+    chosen = next(b for b in batches if any(d is oldest for d in b))
+    return chosen, [d for b in batches if b is not chosen for d in b]
+
+
+def split_batch(batch: Sequence[Delivery]) -> list[list[Delivery]]:
+    """Halves of a batch to retry apart after it failed (a single job stays whole)."""
+    if len(batch) <= 1:
+        return [list(batch)]
+    middle = len(batch) // 2
+    return [list(batch[:middle]), list(batch[middle:])]
+
+
+def failure_reason(exc: BaseException, *, computing: bool) -> str:
+    """The dead letter's reason for a job that failed alone, naming the error."""
+    what = "computing its latents" if computing else "publishing its result"
+    detail = str(exc).strip() or "(no message)"
+    return f"{what} failed on its own, in a batch of one: {type(exc).__name__}: {detail}"
+
+
 class AugmentationWorker:
     def __init__(
         self,
@@ -162,6 +201,8 @@ class AugmentationWorker:
         self.ready = False
         self.outcomes: collections.Counter[str] = collections.Counter()
         """Jobs by outcome in this process (the metric's values, readable without scraping)."""
+        self._holding: dict[str, Delivery] = {}
+        """The batch's jobs not finished yet: what the heartbeat renews."""
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
@@ -172,6 +213,7 @@ class AugmentationWorker:
         self.ready = True
         log.info("worker %s started", self.consumer)
         next_stats = 0.0
+        next_prune = time.monotonic() + self.limits.prune_interval_s
         try:
             while not stop.is_set():
                 try:
@@ -180,6 +222,13 @@ class AugmentationWorker:
                         # watch the queue, so they keep its deliberate_queue_* gauges current.
                         next_stats = time.monotonic() + self.limits.stats_interval_s
                         await self.store.queue_stats()
+                    if time.monotonic() >= next_prune:
+                        # Workers that stopped or restarted under a new name leave consumers
+                        # behind in the group; any worker may remove those that hold nothing.
+                        next_prune = time.monotonic() + self.limits.prune_interval_s
+                        await self.store.prune_consumers(
+                            self.limits.dead_consumer_s, keep=self.consumer
+                        )
                     await self.step(stop)
                 except Exception:  # store outage or a bug in one batch: keep the worker alive
                     log.exception("worker step failed; retrying")
@@ -190,7 +239,7 @@ class AugmentationWorker:
             log.info("worker %s stopped: %s", self.consumer, dict(self.outcomes))
 
     async def step(self, stop: asyncio.Event | None = None) -> int:
-        """Claim one round of jobs and finish them; returns how many were handled."""
+        """Claim one batch of jobs and finish it; returns how many jobs were claimed."""
         deliveries = await self.store.claim_jobs(
             self.consumer, self.limits.max_jobs, self.limits.block_s
         )
@@ -208,49 +257,135 @@ class AugmentationWorker:
                 log.warning("dead-lettering job %s: %s", delivery.job.key, reason)
                 await self.store.fail(delivery, reason)
                 self._count("failed")
-        batches = plan_batches(runnable, self.limits)
-        for index, batch in enumerate(batches):
-            if stop is not None and stop.is_set():
-                rest = [d for later in batches[index:] for d in later]
-                for delivery in rest:
-                    await self.store.release(delivery)
-                    self._count("released")
-                log.info("stopping: released %d claimed jobs for other workers", len(rest))
-                break
+        batch, rest = take_batch(runnable, self.limits)
+        if stop is not None and stop.is_set():
+            batch, rest = [], runnable
+            log.info("stopping: releasing %d claimed jobs for other workers", len(rest))
+        # What does not fit this batch goes back at once (its delivery not counted): other
+        # workers may take it now, and its visibility clock does not run while it waits.
+        for delivery in rest:
+            await self.store.release(delivery)
+            self._count("released")
+        if batch:
             await self._compute_and_publish(batch)
         return len(deliveries)
 
     async def _compute_and_publish(self, batch: list[Delivery]) -> None:
+        self._holding = {d.stream_id: d for d in batch}
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.consumer}")
+        try:
+            await self._attempt(batch)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            self._holding = {}
+        await self._refresh_value_gauges(batch[0].job)
+
+    async def _heartbeat(self) -> None:
+        """Renew the batch's claims every third of the visibility timeout while it computes,
+        so a batch slower than the timeout is not reclaimed and computed again elsewhere
+        (nor dead-lettered after enough reclaims while this worker still computes it)."""
+        interval = self.store.config.visibility_timeout_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            held = list(self._holding.values())
+            if not held:
+                continue
+            try:
+                renewed = await self.store.renew(held)
+            except Exception as exc:  # an outage: try again at the next beat
+                log.warning("heartbeat: could not renew %d claims: %s", len(held), exc)
+                continue
+            kept = {d.stream_id for d in renewed}
+            for delivery in held:
+                if delivery.stream_id not in kept and self._holding.pop(delivery.stream_id, None):
+                    # Still computed and published (idempotent), but no longer renewed.
+                    log.warning("heartbeat: job %s was taken over meanwhile", delivery.job.key)
+
+    async def _attempt(self, batch: list[Delivery]) -> None:
+        """Compute and publish a batch; on failure retry its failing part in halves, down to
+        single jobs: only a job that fails on its own is dead-lettered. A store outage is
+        not the job's fault and propagates (the jobs stay claimed and are reclaimed)."""
         started = time.perf_counter()
-        # The forward passes hold the GIL rarely; a thread keeps the event loop (and, in the
-        # embedded server, request handling) responsive meanwhile.
-        results = await asyncio.to_thread(
-            self.model.latents_with_value, [d.job.token_ids for d in batch], self.check
-        )
+        try:
+            # The forward passes hold the GIL rarely; a thread keeps the event loop (and, in
+            # the embedded server, request handling and the heartbeat) responsive meanwhile.
+            results = await asyncio.to_thread(
+                self.model.latents_with_value, [d.job.token_ids for d in batch], self.check
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for a batch of {len(batch)} prefixes")
+        except Exception as exc:  # out of memory, a kernel error, a bug for one prefix
+            log.warning("computing a batch of %d failed: %r", len(batch), exc)
+            await self._isolate(batch, batch, {d.stream_id: exc for d in batch}, computing=True)
+            return
         self.metrics.compute_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
+        failed: dict[str, Exception] = {}
         for delivery, (tensor, figure) in zip(batch, results, strict=True):
-            job = delivery.job
-            if figure is not None:
-                # Recorded before the payload is published, so a server that sees the hit
-                # already counts this context's evidence.
-                await self.store.record_value(job.coprocessor_fp, job.tenant, figure.delta)
-                self.metrics.value_change.observe(figure.relative_change)
-            if figure is not None and confidently_harmful(figure, self.policy):
-                await self.store.decline(delivery, figure, _decline_reason(figure))
-                self._count("declined")
-                continue
-            payload = encode_payload(
-                tensor,
-                key=job.key,
-                decoder_fp=job.decoder_fp,
-                coprocessor_fp=job.coprocessor_fp,
-                prefix_len=job.prefix_len,
-                value=figure,
-            )
+            try:
+                await self._finish(delivery, tensor, figure)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # NaN latents, a payload too large: this job's result
+                log.warning("job %s: its result cannot be published: %r", delivery.job.key, exc)
+                failed[delivery.stream_id] = exc
+        if failed:
+            guilty = [d for d in batch if d.stream_id in failed]
+            await self._isolate(batch, guilty, failed, computing=False)
+
+    async def _isolate(
+        self,
+        batch: list[Delivery],
+        guilty: list[Delivery],
+        errors: dict[str, Exception],
+        *,
+        computing: bool,
+    ) -> None:
+        if len(batch) > 1:
+            # A batch effect (memory, padding) or one bad prefix: retry apart to find out.
+            for part in split_batch(guilty):
+                await self._attempt(part)
+            return
+        for delivery in guilty:
+            reason = failure_reason(errors[delivery.stream_id], computing=computing)
+            log.warning("dead-lettering job %s: %s", delivery.job.key, reason)
+            await self.store.fail(delivery, reason)
+            self._holding.pop(delivery.stream_id, None)
+            self._count("failed")
+
+    async def _finish(
+        self, delivery: Delivery, tensor: torch.Tensor, figure: ValueFigure | None
+    ) -> None:
+        job = delivery.job
+        if figure is not None and not (
+            math.isfinite(figure.delta) and math.isfinite(figure.std_error)
+        ):
+            raise ValueError(f"the value check's figure is not finite: {figure}")
+        # Built and verified before anything about the job is recorded: a job whose result
+        # cannot be published is retried or failed without leaving its figure behind.
+        payload = encode_payload(
+            tensor,
+            key=job.key,
+            decoder_fp=job.decoder_fp,
+            coprocessor_fp=job.coprocessor_fp,
+            prefix_len=job.prefix_len,
+            value=figure,
+        )
+        self.store.verify_payload(delivery, payload)
+        if figure is not None:
+            # Recorded before the payload is published, so a server that sees the hit
+            # already counts this context's evidence.
+            await self.store.record_value(job.coprocessor_fp, job.tenant, figure.delta)
+            self.metrics.value_change.observe(figure.relative_change)
+        if figure is not None and confidently_harmful(figure, self.policy):
+            await self.store.decline(delivery, figure, _decline_reason(figure))
+            self._count("declined")
+        else:
             await self.store.publish(delivery, payload)
             self._count("done")
-        await self._refresh_value_gauges(batch[0].job)
+        self._holding.pop(delivery.stream_id, None)
 
     async def _refresh_value_gauges(self, job: Job) -> None:
         _, overall = await self.store.value_estimates(job.coprocessor_fp, job.tenant)

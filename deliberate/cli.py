@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["serve", "worker", "train", "eval", "enqueue", "model", "bench"]
+SUBCOMMANDS = ["serve", "worker", "train", "eval", "enqueue", "dlq", "model", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

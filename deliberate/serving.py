@@ -134,67 +134,68 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
     store = make_store(settings, registry)
-    dtype = getattr(torch, settings.compute_dtype())
-    augmenter = Augmenter(
-        store=store,
-        embeddings=EmbeddingTable.load(model_dir, dtype),
-        decoder_fp=fingerprint,
-        coprocessor=checkpoint,
-        default_tenant=settings.tenant,
-        min_context_tokens=settings.min_context_tokens,
-        lookup_timeout_s=settings.lookup_timeout_seconds,
-        max_wait_s=settings.max_augment_wait_seconds,
-        allow_unvalidated=settings.allow_unvalidated_coprocessor,
-        value_policy=value_policy(settings),
-        value_refresh_s=settings.value_refresh_seconds,
-        metrics=metrics,
-    )
     worker_stop = asyncio.Event()
-    worker_task = None
-    if runs_embedded_worker(settings):
-        worker = make_worker(settings, store, registry)
-        worker_task = asyncio.create_task(worker.run(worker_stop), name="embedded-worker")
-    engine = start_engine(args, cpu_kv_cache_gib=settings.kv_cache_gib)
-    names = served_names(args)
-    model_config = engine.model_config
-    state = ServerState(
-        engine=engine,
-        tokenizer=AutoTokenizer.from_pretrained(
-            args.tokenizer, trust_remote_code=args.trust_remote_code
-        ),
-        augmenter=augmenter,
-        model_name=names[0],
-        aliases=names[1:],
-        max_model_len=model_config.max_model_len,
-        max_context_tokens=settings.max_context_tokens,
-        api_keys=api_keys,
-        metrics=metrics,
-        registry=registry,
-        created=int(time.time()),
-        metrics_key=settings.metrics_key,
-        chat_template=chat_template,
-        vocab_size=model_config.get_vocab_size(),
-        default_sampling=model_config.get_diff_sampling_param(),
-        engine_registry=None if args.disable_log_stats else get_prometheus_registry(),
-    )
-    stats_task = None
-    if not args.disable_log_stats:
-        stats_task = asyncio.create_task(log_engine_stats(engine), name="engine-stats")
-    app = create_app(
-        state,
-        max_request_bytes=settings.max_request_bytes,
-        max_concurrent_requests=settings.max_concurrent_requests,
-        docs=settings.docs,
-    )
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
-    )
-    # uvicorn stops on SIGTERM/SIGINT, then re-raises the signal to whatever handler was there
-    # before; a no-op one lets the cleanup below (worker batch, engine, store) run, and the
-    # process exit 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    worker_task = stats_task = engine = None
+    # Everything after the store is opened may fail (the coprocessor or the engine refusing
+    # to start): the embedded worker is then stopped and the store closed, not left behind.
     try:
+        dtype = getattr(torch, settings.compute_dtype())
+        augmenter = Augmenter(
+            store=store,
+            embeddings=EmbeddingTable.load(model_dir, dtype),
+            decoder_fp=fingerprint,
+            coprocessor=checkpoint,
+            default_tenant=settings.tenant,
+            min_context_tokens=settings.min_context_tokens,
+            lookup_timeout_s=settings.lookup_timeout_seconds,
+            max_wait_s=settings.max_augment_wait_seconds,
+            allow_unvalidated=settings.allow_unvalidated_coprocessor,
+            value_policy=value_policy(settings),
+            value_refresh_s=settings.value_refresh_seconds,
+            metrics=metrics,
+        )
+        if runs_embedded_worker(settings):
+            worker = make_worker(settings, store, registry)
+            worker_task = asyncio.create_task(worker.run(worker_stop), name="embedded-worker")
+        engine = start_engine(args, cpu_kv_cache_gib=settings.kv_cache_gib)
+        names = served_names(args)
+        model_config = engine.model_config
+        state = ServerState(
+            engine=engine,
+            tokenizer=AutoTokenizer.from_pretrained(
+                args.tokenizer, trust_remote_code=args.trust_remote_code
+            ),
+            augmenter=augmenter,
+            model_name=names[0],
+            aliases=names[1:],
+            max_model_len=model_config.max_model_len,
+            max_context_tokens=settings.max_context_tokens,
+            api_keys=api_keys,
+            metrics=metrics,
+            registry=registry,
+            created=int(time.time()),
+            metrics_key=settings.metrics_key,
+            chat_template=chat_template,
+            vocab_size=model_config.get_vocab_size(),
+            default_sampling=model_config.get_diff_sampling_param(),
+            engine_registry=None if args.disable_log_stats else get_prometheus_registry(),
+        )
+        if not args.disable_log_stats:
+            stats_task = asyncio.create_task(log_engine_stats(engine), name="engine-stats")
+        app = create_app(
+            state,
+            max_request_bytes=settings.max_request_bytes,
+            max_concurrent_requests=settings.max_concurrent_requests,
+            docs=settings.docs,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
+        )
+        # uvicorn stops on SIGTERM/SIGINT, then re-raises the signal to whatever handler was
+        # there before; a no-op one lets the cleanup below (worker batch, engine, store) run,
+        # and the process exit 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         await server.serve()
     finally:
         if stats_task is not None:
@@ -203,7 +204,8 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
         if worker_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker_task
-        engine.shutdown()
+        if engine is not None:
+            engine.shutdown()
         await store.close()
 
 

@@ -199,6 +199,12 @@ class Settings(BaseSettings):
     worker_claim_block_seconds: float = Field(
         1.0, description="how long one claim waits for new jobs"
     )
+    worker_dead_consumer_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="workers remove consumers of the group idle this long that hold no job "
+        "(workers that stopped or restarted under a new name); checked every 10 minutes",
+    )
     worker_host: str = Field("127.0.0.1", description="address of the worker's health port")
     worker_metrics_port: int = Field(
         9100, description="worker's /health, /ready and /metrics port; 0: none"

@@ -97,6 +97,7 @@ def make_worker(
         - model.n_latents,
         vocab_size=config["vocab_size"],
         block_s=settings.worker_claim_block_seconds,
+        dead_consumer_s=settings.worker_dead_consumer_seconds,
     )
     consumer = settings.worker_consumer or f"{socket.gethostname()}-{os.getpid()}"
     return AugmentationWorker(

@@ -6,6 +6,7 @@ Each test states one promise the server or the workers rely on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -446,3 +447,97 @@ async def test_close_ends_waiters_with_the_last_status(harness: StoreHarness) ->
     await store.close()
     status = await asyncio.wait_for(waiter, 3.0)
     assert status.state is KeyState.PENDING
+
+
+async def test_renew_keeps_a_slow_job_from_being_reclaimed_without_using_a_delivery(
+    harness: StoreHarness,
+) -> None:
+    store = harness.open(visibility_timeout_s=0.5)
+    other = harness.peer(store)
+    job = make_job(80)
+    await store.enqueue(job)
+    [held] = await store.claim_jobs("worker-slow", block_s=0.5)
+    # Renewed every 0.25 s for 1.5 s, three visibility timeouts: never reclaimed meanwhile.
+    for _ in range(6):
+        await asyncio.sleep(0.25)
+        assert await store.renew([held]) == [held]
+        assert await other.claim_jobs("worker-2", block_s=0.0) == []
+    assert sample(store, "deliberate_store_renewed_total") == 6
+    # Renewal did not count deliveries: once the heartbeat stops, the next taker is the 2nd.
+    await asyncio.sleep(0.6)
+    [taken] = await other.claim_jobs("worker-2", block_s=0.5)
+    assert (taken.stream_id, taken.deliveries) == (held.stream_id, 2)
+    # A stale heartbeat of the first consumer neither renews nor takes the job back.
+    assert await store.renew([held]) == []
+    assert sample(store, "deliberate_store_renew_lost_total") == 1
+    assert await other.renew([taken]) == [taken]
+    await other.publish(taken, make_payload(job))
+    assert (await store.status(job.key)).attempts == 2
+    assert await other.renew([taken]) == []  # finished: nothing left to renew
+    with pytest.raises(ValueError):
+        await store.renew([held, dataclasses.replace(taken, consumer="someone-else")])
+
+
+async def test_requeue_puts_a_dead_letter_back_and_clears_the_failed_mark(
+    harness: StoreHarness,
+) -> None:
+    store = harness.open()
+    jobs = [make_job(90), make_job(91)]
+    for job in jobs:
+        await store.enqueue(job)
+    for delivery in await store.claim_jobs("worker-1", max_jobs=2, block_s=0.5):
+        await store.fail(delivery, "out of memory")
+    assert await store.enqueue(jobs[0]) is EnqueueOutcome.FAILED
+    letters = {letter.key: letter for letter in await store.dead_letters()}
+    assert set(letters) == {job.key for job in jobs}
+
+    assert await store.requeue(letters[jobs[0].key]) is EnqueueOutcome.ENQUEUED
+    status = await store.status(jobs[0].key)
+    assert status.state is KeyState.PENDING and status.attempts == 0
+    assert [letter.key for letter in await store.dead_letters()] == [jobs[1].key]
+    assert (await store.status(jobs[1].key)).state is KeyState.FAILED  # only the one asked
+    assert sample(store, "deliberate_store_requeued_total") == 1
+    # Requeued as a fresh job: delivered from 1, not counted against the old deliveries.
+    [delivery] = await store.claim_jobs("worker-2", block_s=0.5)
+    assert delivery.job.key == jobs[0].key and delivery.deliveries == 1
+    assert delivery.job.enqueued_at > letters[jobs[0].key].failed_at - 1
+    await store.publish(delivery, make_payload(jobs[0]))
+    assert (await store.status(jobs[0].key)).state is KeyState.READY
+
+
+async def test_requeue_refuses_a_letter_without_a_valid_job(harness: StoreHarness) -> None:
+    store = harness.open()
+    job = make_job(92)
+    await store.enqueue(job)
+    [delivery] = await store.claim_jobs("worker-1", block_s=0.5)
+    await store.fail(delivery, "poison")
+    [letter] = await store.dead_letters()
+    with pytest.raises(MalformedJob):
+        await store.requeue(dataclasses.replace(letter, key=None))
+    with pytest.raises(MalformedJob):
+        await store.requeue(dataclasses.replace(letter, job_json='{"v": 1}'))
+    assert (await store.status(job.key)).state is KeyState.FAILED
+    assert len(await store.dead_letters()) == 1
+
+
+async def test_prune_removes_idle_consumers_that_hold_nothing(harness: StoreHarness) -> None:
+    store = harness.open(visibility_timeout_s=30.0)
+    jobs = [make_job(93), make_job(94)]
+    for job in jobs:
+        await store.enqueue(job)
+    [done] = await store.claim_jobs("worker-done", block_s=0.5)
+    await store.publish(done, make_payload(done.job))
+    [busy] = await store.claim_jobs("worker-busy", block_s=0.5)
+    await asyncio.sleep(0.4)
+    assert await store.claim_jobs("worker-fresh", block_s=0.0) == []
+    assert await store.claim_jobs("worker-self", block_s=0.0) == []
+    # Only the one that is idle past the bound and holds no job: never a consumer with a
+    # pending job (its entries would become unclaimable), never a fresh one, never `keep`.
+    removed = await store.prune_consumers(0.3, keep="worker-self")
+    assert removed == ["worker-done"]
+    assert sample(store, "deliberate_store_consumers_removed_total") == 1
+    assert await store.prune_consumers(0.3, keep="worker-self") == []
+    await store.publish(busy, make_payload(busy.job))
+    assert (await store.status(busy.job.key)).state is KeyState.READY
+    with pytest.raises(ValueError):
+        await store.prune_consumers(0)

@@ -392,3 +392,47 @@ async def test_store_works_over_tls(redis_server_factory: ServerFactory, tmp_pat
     untrusting = open_store(f"rediss://127.0.0.1:{tls_port}/0", registry=CollectorRegistry())
     await _fails_fast(untrusting.ping(), 1.5)
     await untrusting.close()
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """A single redis-server or the session's 3-node Cluster (flushed)."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server_factory")().url
+    cluster = request.getfixturevalue("redis_cluster")
+    cluster.flush()
+    return cluster.url
+
+
+async def test_claim_whose_stream_entry_was_lost_is_released_by_the_next_enqueue(
+    redis_url: str,
+) -> None:
+    store = open_store(redis_url, registry=CollectorRegistry(), **(FAST | {
+        "visibility_timeout_s": 1.0}))  # fmt: skip
+    raw = redis_client(redis_url, op_timeout_s=5.0)
+    lost, kept = make_job(14), make_job(15)
+    try:
+        for job in (lost, kept):
+            assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+        entry_id = (await raw.get(claim_key(lost.key))).decode().removeprefix("j:")
+        # The entry vanishes (a failover of the stream's shard, XTRIM, DEL); its claim lives
+        # on in another slot.
+        assert await raw.xdel(JOB_STREAM, entry_id) == 1
+        # Younger than the visibility timeout: still pending (it may be on its way).
+        assert await store.enqueue(lost) is EnqueueOutcome.ALREADY_PENDING
+        await asyncio.sleep(1.1)
+        assert (await store.status(lost.key)).state is KeyState.PENDING
+        assert await store.enqueue(lost) is EnqueueOutcome.ENQUEUED
+        assert sample(store, "deliberate_store_orphaned_claims_total") == 1
+        # A claim whose entry is on the stream is never released, however old.
+        assert await store.enqueue(kept) is EnqueueOutcome.ALREADY_PENDING
+        assert await store.enqueue(lost) is EnqueueOutcome.ALREADY_PENDING
+        deliveries = await store.claim_jobs("worker-1", max_jobs=5, block_s=0.5)
+        assert sorted(d.job.key for d in deliveries) == sorted([lost.key, kept.key])
+        for delivery in deliveries:
+            await store.publish(delivery, make_payload(delivery.job))
+        assert (await store.status(lost.key)).state is KeyState.READY
+        assert (await store.queue_stats()).length == 0
+    finally:
+        await raw.aclose()
+        await store.close()

@@ -20,7 +20,12 @@ STORE_FLAGS = (
 )
 # The value check's rule: the server and the workers must apply the same one.
 VALUE_FLAGS = ("value_check", "value_min_contexts", "value_tolerance")
-WORKER_FLAGS = ("worker_batch_max_jobs", "worker_batch_max_tokens", "worker_claim_block_seconds")
+WORKER_FLAGS = (
+    "worker_batch_max_jobs",
+    "worker_batch_max_tokens",
+    "worker_claim_block_seconds",
+    "worker_dead_consumer_seconds",
+)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
