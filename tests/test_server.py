@@ -332,8 +332,10 @@ def test_prewarm_api_and_enqueue_cli(
 
 def test_embedded_default_serves_and_augments(logs: Path) -> None:
     """`deliberate serve` as the README runs it: bundled decoder and coprocessor, in-memory
-    store and a worker in the process. No override: the bundled checkpoint's recorded
-    evaluation passes the quality gate, so its latents are applied by default."""
+    store and a worker in the process. No override: the bundled checkpoint's recorded gate
+    passes with the value check (it fails raw, on the out-of-domain set), so latents are
+    computed and measured, and served only once the value check has the evidence: the first
+    context is computed, measured and answered plainly, saying why."""
     process, base = start_server(logs)
     try:
         model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
@@ -345,15 +347,17 @@ def test_embedded_default_serves_and_augments(logs: Path) -> None:
             "temperature": 0,
             "augment_wait_seconds": 120,
         }
-        # The bounded wait lets the in-process worker finish: the first answer is already a hit.
+        # The bounded wait lets the in-process worker finish: the latents are published...
         first = httpx.post(f"{base}/v1/completions", json=body, timeout=180)
         assert first.status_code == 200, first.text
-        assert first.json()["augmentation"]["status"] == "hit"
-        key = first.json()["augmentation"]["key"]
-        state = httpx.get(f"{base}/v1/augmentations/{key}").json()
-        assert state["state"] == "ready"
+        augmentation = first.json()["augmentation"]
+        # ... and, one measured context being no evidence, not served yet.
+        assert augmentation["status"] == "declined", augmentation
+        assert "not enough evidence yet: 1 of 20" in augmentation["reason"]
+        state = httpx.get(f"{base}/v1/augmentations/{augmentation['key']}").json()
+        assert state["state"] == "ready" and state["value"]["tokens"] > 0
         metrics = httpx.get(f"{base}/metrics").text
         assert 'deliberate_worker_jobs_total{outcome="done"} 1.0' in metrics
-        assert 'deliberate_requests_total{endpoint="completions",status="hit"} 1.0' in metrics
+        assert 'deliberate_requests_total{endpoint="completions",status="declined"} 1.0' in metrics
     finally:
         assert process.stop() == 0
