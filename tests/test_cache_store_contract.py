@@ -452,19 +452,21 @@ async def test_close_ends_waiters_with_the_last_status(harness: StoreHarness) ->
 async def test_renew_keeps_a_slow_job_from_being_reclaimed_without_using_a_delivery(
     harness: StoreHarness,
 ) -> None:
-    store = harness.open(visibility_timeout_s=0.5)
+    # Timeouts generous against a loaded machine's scheduling delays (a 0.5 s timeout was
+    # overrun between a renewal and the next claim on a busy 2-core box).
+    store = harness.open(visibility_timeout_s=2.0)
     other = harness.peer(store)
     job = make_job(80)
     await store.enqueue(job)
     [held] = await store.claim_jobs("worker-slow", block_s=0.5)
-    # Renewed every 0.25 s for 1.5 s, three visibility timeouts: never reclaimed meanwhile.
+    # Renewed every 0.5 s for 3 s, 1.5 visibility timeouts: never reclaimed meanwhile.
     for _ in range(6):
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.5)
         assert await store.renew([held]) == [held]
         assert await other.claim_jobs("worker-2", block_s=0.0) == []
     assert sample(store, "deliberate_store_renewed_total") == 6
     # Renewal did not count deliveries: once the heartbeat stops, the next taker is the 2nd.
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(2.1)
     [taken] = await other.claim_jobs("worker-2", block_s=0.5)
     assert (taken.stream_id, taken.deliveries) == (held.stream_id, 2)
     # A stale heartbeat of the first consumer neither renews nor takes the job back.
