@@ -1,0 +1,36 @@
+"""Equal-step ablation on the QA serving form (session 3): the bundled checkpoint (600 steps),
++40 steps of prose, +40 steps of prose with 2 QA rows a step (`--qa-rows 2`); the same
+held-out items (the first N of the gate's order), scored in the QA form. Results:
+docs/coprocessor.md (Ablations).
+
+    deliberate train --out RUN_A --init-from coprocessor_worker/checkpoints/smollm2-135m-instruct \
+        --steps 40 --warmup 1 --min-lr-ratio 1.0 --eval-every 40 --eval-windows 8
+    deliberate train --out RUN_B ...the same... --qa-rows 2
+    ln -s RUN_A/last ABL/prose-40; ln -s RUN_B/last ABL/qa-rows-40
+    ln -s coprocessor_worker/checkpoints/smollm2-135m-instruct ABL/start-600
+    PYTHONPATH=. python bench/ablation_qa_rows.py ABL 120
+"""
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from cache_store.value import ValuePolicy
+from coprocessor_worker import data
+from coprocessor_worker.coprocessor import ValueCheck, load_model
+from coprocessor_worker.serving_eval import serving_form, summarise
+from deliberate.models import resolve_decoder
+from deliberate.settings import Settings
+torch.set_num_threads(1)
+dec = resolve_decoder(None, Settings().cache_dir)
+models = {}
+for name in ("start-600", "prose-40", "qa-rows-40"):
+    m, _, tok = load_model(Path(sys.argv[1]) / name, dec)
+    models[name] = m
+items = data.qa_items("held_out")
+order = np.random.default_rng(0).permutation(len(items))[: int(sys.argv[2])]
+scores = serving_form(models, tok, [items[i] for i in order], "qa", ValueCheck())
+out = summarise(scores, ValuePolicy())
+Path(sys.argv[1], "ablation_qa_rows.json").write_text(json.dumps(out, indent=2))
+for k, v in out.items():
+    if isinstance(v, dict):
+        print(k, "raw", {a: round(b, 4) for a, b in v["raw"].items()}, "acc", round(v["acc"], 3))
+print("acc_none", out["acc_none"], "n", out["n"])
