@@ -10,27 +10,44 @@ docs/coprocessor.md (Ablations).
     ln -s coprocessor_worker/checkpoints/smollm2-135m-instruct ABL/start-600
     PYTHONPATH=. python bench/ablation_qa_rows.py ABL 120
 """
-import json, sys
+
+from __future__ import annotations
+
+import json
+import sys
 from pathlib import Path
-import numpy as np, torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
 from cache_store.value import ValuePolicy
 from coprocessor_worker import data
 from coprocessor_worker.coprocessor import ValueCheck, load_model
 from coprocessor_worker.serving_eval import serving_form, summarise
 from deliberate.models import resolve_decoder
 from deliberate.settings import Settings
-torch.set_num_threads(1)
-dec = resolve_decoder(None, Settings().cache_dir)
-models = {}
-for name in ("start-600", "prose-40", "qa-rows-40"):
-    m, _, tok = load_model(Path(sys.argv[1]) / name, dec)
-    models[name] = m
-items = data.qa_items("held_out")
-order = np.random.default_rng(0).permutation(len(items))[: int(sys.argv[2])]
-scores = serving_form(models, tok, [items[i] for i in order], "qa", ValueCheck())
-out = summarise(scores, ValuePolicy())
-Path(sys.argv[1], "ablation_qa_rows.json").write_text(json.dumps(out, indent=2))
-for k, v in out.items():
-    if isinstance(v, dict):
-        print(k, "raw", {a: round(b, 4) for a, b in v["raw"].items()}, "acc", round(v["acc"], 3))
-print("acc_none", out["acc_none"], "n", out["n"])
+
+NAMES = ("start-600", "prose-40", "qa-rows-40")
+
+
+def main() -> None:
+    folder, n_items = Path(sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(1)
+    decoder = resolve_decoder(None, Settings().cache_dir)
+    models, tokenizer = {}, None
+    for name in NAMES:
+        models[name], _, tokenizer = load_model(folder / name, decoder)
+    items = data.qa_items("held_out")
+    order = np.random.default_rng(0).permutation(len(items))[:n_items]
+    scores = serving_form(models, tokenizer, [items[i] for i in order], "qa", ValueCheck())
+    out = summarise(scores, ValuePolicy())
+    (folder / "ablation_qa_rows.json").write_text(json.dumps(out, indent=2))
+    for name in NAMES:
+        print(name, "raw", out[name]["raw"], "acc", round(out[name]["acc"], 3))
+    print("acc_none", out["acc_none"], "n", out["n"])
+
+
+if __name__ == "__main__":
+    main()
