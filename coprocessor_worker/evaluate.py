@@ -124,15 +124,16 @@ def per_point_nll(
             nll, base = model.packed_nll(ids, pos, cfg.n_ahead, prefix=prefix)
             out[name].append(nll.numpy())
             if check is not None:
-                figures[name] += _check_figures(model, ids, prefix, pos, check)
+                figures[name] += check_figures(model, ids, prefix, pos, check)
         out["none"].append(base.numpy())
     return {k: np.concatenate(v) for k, v in out.items()}, figures
 
 
-def _check_figures(
+def check_figures(
     model: CoprocessorModel, ids: torch.Tensor, prefix: tuple, pos: torch.Tensor, check: ValueCheck
 ) -> list[ValueFigure | None]:
-    """The value check of every context ids[b, :pos[b, k]], in one packed pass per batch."""
+    """The worker's value check (the maths of `CoprocessorModel.latents_and_check`) of every
+    context ids[b, :pos[b, k]], on a prefix pass already run, in one packed pass."""
     points = [[check.points_for(int(p)) for p in row] for row in pos]
     flat = [[q for qs in row for q in qs] for row in points]
     width = max((len(f) for f in flat), default=0)

@@ -29,20 +29,7 @@ import torch
 from cache_store.value import ValueEstimate, ValueFigure, ValuePolicy, confidently_harmful, verdict
 from coprocessor_worker.coprocessor import CoprocessorModel, ValueCheck
 from coprocessor_worker.data import QAForm, QAInputs, QAItem, qa_inputs
-from coprocessor_worker.evaluate import continuation_logprobs
-
-
-@torch.no_grad()
-def check_figure(
-    model: CoprocessorModel, ids: torch.Tensor, prefix: tuple, length: int, check: ValueCheck
-) -> ValueFigure | None:
-    """The worker's value check of the context ids[0, :length] (the same maths as
-    `CoprocessorModel.latents_and_check`, on a prefix pass already run)."""
-    points = check.points_for(length)
-    if not points:
-        return None
-    nll, plain = model.packed_nll(ids, torch.tensor([points]), check.tokens, prefix=prefix)
-    return check.figure((nll - plain)[0, :, check.skip :].reshape(-1))
+from coprocessor_worker.evaluate import check_figures, continuation_logprobs
 
 
 @torch.no_grad()
@@ -90,7 +77,8 @@ def serving_form(
             nll, correct = answer_scores(model, prefix, inputs, use_latents=True)
             out[name]["nll"].append(nll)
             out[name]["correct"].append(correct)
-            out[name]["figure"].append(check_figure(model, ids, prefix, ids.shape[1], check))
+            context = torch.tensor([[ids.shape[1]]])  # the whole passage is the context
+            out[name]["figure"] += check_figures(model, ids, prefix, context, check)
     return out
 
 

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from cache_store.errors import StoreUnavailable
 from cache_store.payload import encode_payload
 from cache_store.store import AugmentationStore
-from cache_store.types import Delivery, Job
+from cache_store.types import Delivery
 from cache_store.value import ValueFigure, ValuePolicy, confidently_harmful
 from coprocessor_worker.coprocessor import ValueCheck
 
@@ -222,6 +222,7 @@ class AugmentationWorker:
                         # watch the queue, so they keep its deliberate_queue_* gauges current.
                         next_stats = time.monotonic() + self.limits.stats_interval_s
                         await self.store.queue_stats()
+                        await self._refresh_value_gauges()
                     if time.monotonic() >= next_prune:
                         # Workers that stopped or restarted under a new name leave consumers
                         # behind in the group; any worker may remove those that hold nothing.
@@ -280,7 +281,6 @@ class AugmentationWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._holding = {}
-        await self._refresh_value_gauges(batch[0].job)
 
     async def _heartbeat(self) -> None:
         """Renew the batch's claims every third of the visibility timeout while it computes,
@@ -387,8 +387,10 @@ class AugmentationWorker:
             self._count("done")
         self._holding.pop(delivery.stream_id, None)
 
-    async def _refresh_value_gauges(self, job: Job) -> None:
-        _, overall = await self.store.value_estimates(job.coprocessor_fp, job.tenant)
+    async def _refresh_value_gauges(self) -> None:
+        """The overall value-check estimate into its gauges (refreshed with the queue's)."""
+        # Any tenant name will do: only the estimate over all tenants is read out here.
+        _, overall = await self.store.value_estimates(self.model.fingerprint, "")
         if overall.n:
             self.metrics.value_estimate.labels("mean").set(math.expm1(overall.mean))
             upper = overall.upper(self.policy.z)
