@@ -319,37 +319,69 @@ class CoprocessorModel(nn.Module):
         ids[b, :prefix_lens[b, k]], with this model's latents inserted (latents=True), and the
         plain decoder's NLL [B, K, n_ahead] from the same prefix pass (no grad). `prefix` is
         that pass if already run (it is the same for every model sharing the decoder)."""
+        targets, plain, augmented = self._packed_logits(ids, prefix_lens, n_ahead, latents, prefix)
+        base_nll = _nll(plain, targets)
+        return (base_nll if augmented is None else _nll(augmented, targets)), base_nll
+
+    def packed_nll_and_kl(
+        self, ids: torch.Tensor, prefix_lens: torch.Tensor, n_ahead: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`packed_nll` with latents, plus the do-no-harm term: KL(plain || augmented) [B, K,
+        n_ahead] of the next-token distributions at the same ahead positions, which is 0 only
+        where the latents leave the plain decoder's prediction as it was."""
+        targets, plain, augmented = self._packed_logits(ids, prefix_lens, n_ahead, True, None)
+        assert augmented is not None
+        kl = F.kl_div(
+            F.log_softmax(augmented, -1),
+            F.log_softmax(plain, -1),
+            log_target=True,
+            reduction="none",
+        )
+        return _nll(augmented, targets), _nll(plain, targets), kl.sum(-1)
+
+    def _packed_logits(
+        self,
+        ids: torch.Tensor,
+        prefix_lens: torch.Tensor,
+        n_ahead: int,
+        latents: bool,
+        prefix: tuple[KV, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Targets [B, K, A], the plain decoder's logits for them and, if `latents`, the
+        augmented decoder's (each [B, K, A, V])."""
         kv, last_hidden = prefix if prefix is not None else self.prefix_pass(ids)
-        targets, base_nll = self._plain_ahead_nll(ids, last_hidden, prefix_lens, n_ahead)
+        targets, plain = self._plain_ahead_logits(ids, last_hidden, prefix_lens, n_ahead)
         if not latents:
-            return base_nll, base_nll
+            return targets, plain, None
         lat = self.latents_at(kv, prefix_lens)  # [B, K, N_L, H]
-        return self._nll_after_latents(kv, prefix_lens, lat, targets), base_nll
+        return targets, plain, self._logits_after_latents(kv, prefix_lens, lat, targets)
 
     @torch.no_grad()
-    def _plain_ahead_nll(
+    def _plain_ahead_logits(
         self, ids: torch.Tensor, last_hidden: torch.Tensor, prefix_lens: torch.Tensor, n_ahead: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The n_ahead target ids [B, K, n_ahead] after each prefix, and the plain decoder's
-        NLL of them, read off the prefix pass: it predicts ids[p+j] from position p+j-1."""
+        logits [B, K, n_ahead, V] for them, read off the prefix pass: it predicts ids[p+j] from
+        position p+j-1."""
         b, k = prefix_lens.shape
         ahead_idx = prefix_lens[:, :, None] + torch.arange(n_ahead, device=ids.device)
         targets = torch.gather(ids, 1, ahead_idx.reshape(b, -1)).reshape(b, k, n_ahead)
         src = (ahead_idx - 1).reshape(b, -1)
         h = torch.gather(last_hidden, 1, src[:, :, None].expand(-1, -1, last_hidden.shape[-1]))
-        return targets, _nll(self.logits(h.reshape(b, k, n_ahead, -1)), targets)
+        return targets, self.logits(h.reshape(b, k, n_ahead, -1))
 
-    def _nll_after_latents(
+    def _logits_after_latents(
         self, kv: KV, prefix_lens: torch.Tensor, lat: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """NLL [B, K, A] of the targets after each prefix with latents [B, K, N_L, H] between."""
+        """Logits [B, K, A, V] for the targets after each prefix with latents [B, K, N_L, H]
+        between."""
         n = lat.shape[2]
         ahead_in = self.embed(targets[:, :, :-1])  # the ahead tokens fed back, except the last
         with self.autocast():
             embeds = torch.cat([lat.to(ahead_in.dtype), ahead_in], dim=2)
         states = self.decode_groups(kv, prefix_lens, embeds)
         # The last latent's output predicts ahead token 1; ahead token j's predicts j+1.
-        return _nll(self.logits(states[:, :, n - 1 :]), targets)
+        return self.logits(states[:, :, n - 1 :])
 
     @torch.no_grad()
     def latents_and_check(
@@ -361,9 +393,9 @@ class CoprocessorModel(nn.Module):
         over all 1 + J groups of soft tokens, one decoder pass over the J check groups."""
         kv, last_hidden = self.prefix_pass(ids)
         lat = self.latents_at(kv, torch.cat([lens[:, None], points], dim=1))
-        targets, plain = self._plain_ahead_nll(ids, last_hidden, points, n_check)
-        with_latents = self._nll_after_latents(kv, points, lat[:, 1:], targets)
-        return lat[:, 0], with_latents - plain
+        targets, plain = self._plain_ahead_logits(ids, last_hidden, points, n_check)
+        with_latents = self._logits_after_latents(kv, points, lat[:, 1:], targets)
+        return lat[:, 0], _nll(with_latents, targets) - _nll(plain, targets)
 
     def naive_nll(self, ids: torch.Tensor, prefix_lens: torch.Tensor, n_ahead: int) -> torch.Tensor:
         """The reference loop: each (sequence, position) on its own, HF's own causal masking,

@@ -3,8 +3,10 @@
 One step: B rows of T tokens of prose (coprocessor_worker/data.py); K augmentation points per
 row; one no-grad decoder pass per row gives the cache shared by its K groups; the coprocessor
 and the decoder each run once over all K groups (see coprocessor.py). Loss: mean NLL of the
-N_A ahead tokens. With --qa-rows, each step also trains on rows in the serving form
-(passage, question, answer; latents after the passage, loss on the answer's tokens).
+N_A ahead tokens (with --kl-weight, plus that weight times the KL from the plain decoder's
+next-token distributions there: a do-no-harm term). With --qa-rows, each step also trains
+on rows in the serving form (passage, question, answer; latents after the passage, loss on
+the answer's tokens).
 AdamW, linear warmup then cosine decay to `min_lr_ratio`, gradient clipping and
 accumulation, bf16 autocast with frozen weights stored in bf16.
 
@@ -75,8 +77,12 @@ def step_loss(model: CoprocessorModel, cfg: TrainConfig, windows, qa_rows, step:
     total, plain, tokens = 0.0, 0.0, 0
     for micro in range(cfg.grad_accum):
         ids, pos = (torch.from_numpy(a) for a in data.step_batch(cfg, windows, step, micro))
-        nll, base = model.packed_nll(ids, pos, cfg.n_ahead)
-        loss = nll.mean() / cfg.grad_accum
+        if cfg.kl_weight:
+            nll, base, kl = model.packed_nll_and_kl(ids, pos, cfg.n_ahead)
+            loss = (nll.mean() + cfg.kl_weight * kl.mean()) / cfg.grad_accum
+        else:
+            nll, base = model.packed_nll(ids, pos, cfg.n_ahead)
+            loss = nll.mean() / cfg.grad_accum
         loss.backward()
         total += float(loss.detach())
         plain += float(base.mean()) / cfg.grad_accum

@@ -73,6 +73,11 @@ class TrainConfig:
     ] = 0
     qa_weight: Annotated[float, "weight of the QA rows' answer loss beside the prose loss"] = 1.0
     qa_max_ahead: Annotated[int, "longest question + answer kept for QA rows, in tokens"] = 48
+    kl_weight: Annotated[
+        float,
+        "weight of the do-no-harm term on the prose rows: KL(plain decoder || augmented) of "
+        "the next-token distributions at the ahead tokens; 0: off",
+    ] = 0.0
     corpus: Annotated[list[str], ".txt/.jsonl files or folders; none: the bundled prose"] = field(
         default_factory=list
     )

@@ -79,6 +79,33 @@ def test_packed_loss_and_gradients_equal_naive_loop(tiny_llama: Path, overrides:
         torch.testing.assert_close(g_packed[name], g_naive[name], atol=1e-6, rtol=1e-4)
 
 
+def test_do_no_harm_term_is_the_kl_from_the_plain_next_token_distribution(
+    tiny_llama: Path,
+) -> None:
+    """KL(plain || augmented) at each ahead position, computed from the decoder's own logits
+    over context ++ latents ++ ahead tokens; its NLL is packed_nll's, and it trains the
+    coprocessor (non-zero gradients)."""
+    model = _model(tiny_llama)
+    ids, prefix_lens = _batch()
+    nll, base, kl = model.packed_nll_and_kl(ids, prefix_lens, N_AHEAD)
+    packed, packed_base = model.packed_nll(ids, prefix_lens, N_AHEAD)
+    torch.testing.assert_close(nll, packed)
+    torch.testing.assert_close(base, packed_base)
+    b, k = 0, 2
+    p = int(prefix_lens[b, k])
+    with torch.no_grad():
+        latents = model.latents_at(model.prefix_pass(ids)[0], prefix_lens)[b, k]
+    with torch.no_grad(), model.decoder_role():
+        ahead = ids[b, p : p + N_AHEAD]
+        embeds = torch.cat([model.embed(ids[b, :p]), latents, model.embed(ahead[:-1])])
+        augmented = model.decoder(inputs_embeds=embeds[None]).logits[0, p + latents.shape[0] - 1 :]
+        plain = model.decoder(input_ids=ids[b : b + 1, : p + N_AHEAD]).logits[0, p - 1 : -1]
+    expected = (plain.softmax(-1) * (plain.log_softmax(-1) - augmented.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(kl[b, k].detach(), expected, atol=1e-5, rtol=1e-4)
+    assert kl.min() >= 0 and kl.max() > 1e-3
+    assert any(g.abs().max() > 1e-6 for g in _grads(model, kl.mean()).values())
+
+
 def test_no_leakage_between_groups_or_from_the_future(tiny_llama: Path) -> None:
     model = _model(tiny_llama)
     ids, prefix_lens = _batch()
