@@ -24,7 +24,8 @@ import torch
 
 from cache_store.value import ValuePolicy
 from coprocessor_worker import data
-from coprocessor_worker.coprocessor import ValueCheck, load_model
+from coprocessor_worker.checkpoint_io import load_model
+from coprocessor_worker.coprocessor import ValueCheck
 from coprocessor_worker.serving_eval import serving_form, summarise
 from deliberate.models import resolve_decoder
 from deliberate.settings import Settings

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     args = parser.parse_args()
 
-    from coprocessor_worker.coprocessor import CoprocessorConfig, build_model, load_decoder
+    from coprocessor_worker.model import CoprocessorConfig, build_model, load_decoder
     from deliberate.models import prepare_bundled_decoder
     from deliberate.settings import Settings
 

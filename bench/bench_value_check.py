@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from coprocessor_worker.coprocessor import Coprocessor, ValueCheck, bundled_checkpoint_dir
+from coprocessor_worker.checkpoints import bundled_checkpoint_dir
+from coprocessor_worker.coprocessor import Coprocessor, ValueCheck
 from coprocessor_worker.data import bundled_documents
 from deliberate.models import resolve_decoder
 from deliberate.settings import Settings

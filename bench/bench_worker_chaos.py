@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cache_store import CONSUMER_GROUP, JOB_STREAM, Job, KeyState, open_store
 from cache_store.fingerprint import checkpoint_fingerprint, decoder_fingerprint
-from coprocessor_worker.coprocessor import bundled_checkpoint_dir
+from coprocessor_worker.checkpoints import bundled_checkpoint_dir
 from deliberate.models import prepare_bundled_decoder
 from deliberate.settings import Settings
 from tests.fixtures.processes import ServiceProcess, spawn_worker

@@ -27,7 +27,8 @@ import torch
 from cache_store.checkpoint import write_evaluation
 from cache_store.value import ValueFigure, ValuePolicy
 from coprocessor_worker import data
-from coprocessor_worker.coprocessor import CoprocessorModel, ValueCheck
+from coprocessor_worker.coprocessor import ValueCheck
+from coprocessor_worker.model import CoprocessorModel
 
 POSITIONS = (1, 2, 4, 8, 16)
 GATE_POSITIONS = (8, 16)

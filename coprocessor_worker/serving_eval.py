@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from cache_store.value import ValueEstimate, ValueFigure, ValuePolicy, confidently_harmful, verdict
-from coprocessor_worker.coprocessor import CoprocessorModel, ValueCheck
+from coprocessor_worker.coprocessor import ValueCheck
 from coprocessor_worker.data import QAForm, QAInputs, QAItem, qa_inputs
 from coprocessor_worker.evaluate import check_figures, continuation_logprobs
+from coprocessor_worker.model import CoprocessorModel
 
 
 @torch.no_grad()

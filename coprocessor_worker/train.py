@@ -29,17 +29,14 @@ import numpy as np
 import torch
 
 from coprocessor_worker import data
-from coprocessor_worker.coprocessor import (
-    CoprocessorModel,
-    build_model,
+from coprocessor_worker.checkpoint_io import (
     check_decoder,
-    load_decoder,
     load_trainable_state,
     read_checkpoint_state,
     read_meta,
-    resolve_dtype,
     save_checkpoint,
 )
+from coprocessor_worker.model import CoprocessorModel, build_model, load_decoder, torch_dtype
 from coprocessor_worker.train_config import TrainConfig
 
 
@@ -193,7 +190,7 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    compute = resolve_dtype(cfg.dtype)
+    compute = torch_dtype(cfg.dtype)
     decoder, tokenizer = load_decoder(decoder_dir, compute)  # frozen weights in compute dtype
     decoder_fp = decoder_fingerprint(decoder_dir)
     model = build_model(decoder, tokenizer, cfg.coprocessor_config(), compute)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 if TYPE_CHECKING:
-    from coprocessor_worker.coprocessor import CoprocessorConfig
+    from coprocessor_worker.model import CoprocessorConfig
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TrainConfig:
     text_field: Annotated[str, "the text field of .jsonl rows"] = "text"
 
     def coprocessor_config(self) -> CoprocessorConfig:
-        from coprocessor_worker.coprocessor import CoprocessorConfig
+        from coprocessor_worker.model import CoprocessorConfig
 
         return CoprocessorConfig(
             method=self.method,

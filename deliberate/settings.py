@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coprocessor_worker.hardware import auto_dtype
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DELIBERATE_", extra="ignore")
@@ -161,12 +163,7 @@ class Settings(BaseSettings):
     )
 
     def compute_dtype(self) -> Literal["bfloat16", "float16", "float32"]:
-        if self.dtype != "auto":
-            return self.dtype
-        gpu = _gpu_compute_capability()
-        if gpu is not None:
-            return "bfloat16" if gpu >= (8, 0) else "float16"
-        return "bfloat16" if _has_fast_bf16() else "float32"
+        return auto_dtype() if self.dtype == "auto" else self.dtype
 
     def api_key_tenants(self) -> dict[str, str]:
         """API key -> the tenant it acts for ("*": any), from --api-keys and the file."""
@@ -213,35 +210,3 @@ class Settings(BaseSettings):
         None, description="consumer name in the group; default: host name and pid"
     )
     torch_threads: int | None = Field(None, description="torch CPU threads; default: all cores")
-
-
-def _gpu_compute_capability() -> tuple[int, int] | None:
-    """The first GPU's compute capability from nvidia-smi (not torch, so that importing
-    settings stays cheap); None without a GPU."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.split()
-        major, _, minor = out[0].partition(".")
-        return int(major), int(minor or 0)
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        return None
-
-
-def _has_fast_bf16() -> bool:
-    """A CPU with bf16 instructions; read from /proc/cpuinfo, not torch, so that importing
-    settings stays cheap."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from cache_store import AugmentationStore, open_store
 from cache_store.value import ValuePolicy
-from coprocessor_worker.coprocessor import Coprocessor, ValueCheck, bundled_checkpoint_dir
+from coprocessor_worker.checkpoints import bundled_checkpoint_dir
+from coprocessor_worker.coprocessor import Coprocessor, ValueCheck
 from coprocessor_worker.worker import AugmentationWorker, WorkerLimits, WorkerMetrics
 from deliberate.models import resolve_decoder
 from deliberate.settings import Settings

@@ -14,7 +14,7 @@ from cache_store import encode_payload, open_store
 from cache_store.checkpoint import CheckpointInfo
 from cache_store.fingerprint import decoder_fingerprint
 from cache_store.value import ValueFigure, ValuePolicy
-from coprocessor_worker.coprocessor import bundled_checkpoint_dir
+from coprocessor_worker.checkpoints import bundled_checkpoint_dir
 from server.augmentation import AugmentationStatus, Augmenter
 from server.embeddings import EmbeddingTable
 from server.metrics import ServerMetrics

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from coprocessor_worker.coprocessor import (
-    CheckpointMismatch,
-    Coprocessor,
+from cache_store.checkpoint import CheckpointMismatch
+from coprocessor_worker.checkpoint_io import save_checkpoint
+from coprocessor_worker.coprocessor import Coprocessor
+from coprocessor_worker.model import (
     CoprocessorConfig,
     CoprocessorModel,
     build_model,
     group_mask,
     load_decoder,
-    save_checkpoint,
 )
 
 N_AHEAD = 5

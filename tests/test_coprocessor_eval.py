@@ -12,7 +12,7 @@ import torch
 
 from cache_store.value import ValuePolicy
 from coprocessor_worker import evaluate as ev
-from coprocessor_worker.coprocessor import CoprocessorConfig, build_model, load_decoder
+from coprocessor_worker.model import CoprocessorConfig, build_model, load_decoder
 
 
 def _models(tiny_llama: Path) -> dict:
@@ -155,7 +155,7 @@ def test_record_in_checkpoint_keeps_the_fingerprint(
 ) -> None:
     from cache_store.checkpoint import CheckpointInfo, read_evaluation
     from cache_store.fingerprint import checkpoint_fingerprint, decoder_fingerprint
-    from coprocessor_worker.coprocessor import save_checkpoint
+    from coprocessor_worker.checkpoint_io import save_checkpoint
 
     model = _models(tiny_llama)[name]
     ckpt = save_checkpoint(

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_store.checkpoint import read_evaluation
-from coprocessor_worker.coprocessor import CheckpointMismatch, Coprocessor, bundled_checkpoint_dir
+from cache_store.checkpoint import CheckpointMismatch, read_evaluation
+from coprocessor_worker.checkpoints import bundled_checkpoint_dir
+from coprocessor_worker.coprocessor import Coprocessor
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from coprocessor_worker import data
-from coprocessor_worker.coprocessor import read_checkpoint_state
+from coprocessor_worker.checkpoint_io import read_checkpoint_state
 from coprocessor_worker.train import train
 from coprocessor_worker.train_config import TrainConfig
 from deliberate.cli import main
@@ -122,7 +122,7 @@ def test_warm_start_from_a_checkpoint(tiny_llama: Path, corpus: Path, tmp_path: 
 def test_qa_rows_score_the_answer_after_the_passage(tiny_llama: Path, tmp_path: Path) -> None:
     """Serving-form rows: the point sits right after the passage, and the loss weights pick
     exactly the answer's tokens (not the question's), from training-split passages only."""
-    from coprocessor_worker.coprocessor import load_decoder
+    from coprocessor_worker.model import load_decoder
 
     _, tokenizer = load_decoder(tiny_llama, torch.float32)
     cfg = replace(TrainConfig(), qa_rows=3, window=128, qa_max_ahead=40, min_prefix=8)

@@ -344,7 +344,7 @@ async def test_payloads_that_overflow_or_are_too_long_are_rejected_misses(
 def test_checkpoint_manifest_bounds_the_latent_norm(tmp_path: Any) -> None:
     import json
 
-    from coprocessor_worker.coprocessor import bundled_checkpoint_dir
+    from coprocessor_worker.checkpoints import bundled_checkpoint_dir
 
     bundled = CheckpointInfo.read(bundled_checkpoint_dir())
     assert bundled.latent_norm_max == DEFAULT_LATENT_NORM_MAX

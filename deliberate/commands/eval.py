@@ -97,13 +97,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from coprocessor_worker.coprocessor import load_model, resolve_dtype
+    from coprocessor_worker.checkpoint_io import load_model
     from coprocessor_worker.evaluate import (
         EvalConfig,
         evaluate,
         plot_learning_curves,
         record_in_checkpoint,
     )
+    from coprocessor_worker.model import torch_dtype
     from deliberate.models import resolve_decoder
 
     torch.set_num_threads(args.threads)
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     models, tokenizer = {}, None
     for name, path in named:
         # Separate decoder copies: LoRA is injected into its decoder in place.
-        model, _, tokenizer = load_model(path, decoder, compute_dtype=resolve_dtype(args.dtype))
+        model, _, tokenizer = load_model(path, decoder, compute_dtype=torch_dtype(args.dtype))
         models[name] = model
     docs = None
     if args.corpus:

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             "deliberate worker needs --redis-url (or DELIBERATE_REDIS_URL): the in-memory store "
             "lives inside `deliberate serve`, which runs its own worker"
         )
-    from coprocessor_worker.coprocessor import CheckpointMismatch
+    from cache_store.checkpoint import CheckpointMismatch
 
     try:
         asyncio.run(run_worker_process(settings))
