@@ -69,6 +69,22 @@ def evaluate_held_out(model: CoprocessorModel, batches, cfg: TrainConfig, step: 
     }
 
 
+def log_evaluation(model: CoprocessorModel, batches, cfg: TrainConfig, step: int, log) -> float:
+    """Evaluate on the held-out rows, log the record (file and console); the held-out NLL."""
+    from tqdm import tqdm
+
+    record = evaluate_held_out(model, batches, cfg, step)
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    tqdm.write(
+        f"step {step}: held-out NLL {record['held_out_nll']:.4f} "
+        f"(plain {record['baseline_nll']:.4f}), rel ppl change "
+        f"{record['rel_ppl_change_mean']:+.2%}; "
+        + " ".join(f"@{k} {v:+.1%}" for k, v in record["rel_ppl_change"].items())
+    )
+    return record["held_out_nll"]
+
+
 def step_loss(model: CoprocessorModel, cfg: TrainConfig, windows, qa_rows, step: int):
     """Backpropagate one optimizer step's loss; returns (loss, plain decoder's loss, tokens)."""
     total, plain, tokens = 0.0, 0.0, 0
@@ -154,6 +170,41 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
     opt.load_state_dict(sd)
 
 
+def make_optimizer(model: CoprocessorModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable groups, each at its own peak learning rate."""
+    lrs = {"lora": cfg.lr, "embed": cfg.lr_embed, "proj": cfg.lr_proj}
+    groups = model.trainable_parameters()
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items() if ps],
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+    )
+
+
+def resume_run(
+    last: Path, model: CoprocessorModel, opt: torch.optim.Optimizer
+) -> tuple[int, float]:
+    """(step, best held-out NLL) of the run saved in `last`, its tensors and optimizer state
+    loaded; (0, inf) for a new run."""
+    from safetensors.torch import load_file
+
+    if not (last / "trainer_state.json").is_file():
+        return 0, float("inf")
+    state = json.loads((last / "trainer_state.json").read_text())
+    load_trainable_state(model, read_checkpoint_state(last))
+    _load_optimizer_tensors(opt, load_file(str(last / "optimizer.safetensors")))
+    step, best = int(state["step"]), float(state["best"])
+    print(f"resumed from {last} at step {step} (best held-out NLL {best:.4f})")
+    return step, best
+
+
+def save_best(
+    out: Path, model, step: int, decoder_fp: str, cfg: TrainConfig, held_out_nll: float
+) -> None:
+    training = {"config": asdict(cfg), "step": step, "held_out_nll": held_out_nll}
+    save_checkpoint(model, out / "best", decoder_fingerprint=decoder_fp, training=training)
+
+
 def save_run_state(
     out: Path,
     model,
@@ -181,7 +232,6 @@ def save_run_state(
 
 def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True) -> Path:
     """Train (or resume) into `out`; returns the best checkpoint folder."""
-    from safetensors.torch import load_file
     from tqdm import tqdm
 
     from cache_store.fingerprint import decoder_fingerprint
@@ -196,28 +246,14 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
     model = build_model(decoder, tokenizer, cfg.coprocessor_config(), compute)
     if cfg.init_from:
         start_from(model, Path(cfg.init_from), decoder_dir, decoder_fp)
-    groups = model.trainable_parameters()
-    lrs = {"lora": cfg.lr, "embed": cfg.lr_embed, "proj": cfg.lr_proj}
-    opt = torch.optim.AdamW(
-        [{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items() if ps],
-        weight_decay=cfg.weight_decay,
-        betas=(0.9, 0.95),
-    )
+    opt = make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for g in opt.param_groups for p in g["params"]]
     train_rows, held_rows = data.load_windows(cfg, tokenizer, out)
     qa_rows = data.load_qa_rows(cfg, tokenizer, out) if cfg.qa_rows else None
     eval_batches = data.held_out_batches(cfg, held_rows)
 
-    # resume
-    step, best = 0, float("inf")
-    last = out / "last"
-    if resume and (last / "trainer_state.json").is_file():
-        state = json.loads((last / "trainer_state.json").read_text())
-        load_trainable_state(model, read_checkpoint_state(last))
-        _load_optimizer_tensors(opt, load_file(str(last / "optimizer.safetensors")))
-        step, best = int(state["step"]), float(state["best"])
-        print(f"resumed from {last} at step {step} (best held-out NLL {best:.4f})")
+    step, best = resume_run(out / "last", model, opt) if resume else (0, float("inf"))
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log = (out / "log.jsonl").open("a")
     print(
@@ -226,25 +262,9 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
         + (f", {len(qa_rows)} QA rows" if qa_rows is not None else "")
     )
 
-    def evaluate(at_step: int) -> float:
-        record = evaluate_held_out(model, eval_batches, cfg, at_step)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        tqdm.write(
-            f"step {at_step}: held-out NLL {record['held_out_nll']:.4f} "
-            f"(plain {record['baseline_nll']:.4f}), rel ppl change "
-            f"{record['rel_ppl_change_mean']:+.2%}; "
-            + " ".join(f"@{k} {v:+.1%}" for k, v in record["rel_ppl_change"].items())
-        )
-        return record["held_out_nll"]
-
-    def save(name: str, at_step: int, **training: Any) -> None:
-        training = {"config": asdict(cfg), "step": at_step, **training}
-        save_checkpoint(model, out / name, decoder_fingerprint=decoder_fp, training=training)
-
     if step == 0:
-        best = min(best, evaluate(0))
-        save("best", 0, held_out_nll=best)
+        best = min(best, log_evaluation(model, eval_batches, cfg, 0, log))
+        save_best(out, model, 0, decoder_fp, cfg, best)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step")
     started = time.time()
     while step < cfg.steps:
@@ -274,12 +294,15 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
         bar.update()
         bar.set_postfix(loss=f"{loss:.3f}", plain=f"{plain:.3f}", tok_s=f"{tokens / dt:.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            held_out = evaluate(step)
+            held_out = log_evaluation(model, eval_batches, cfg, step, log)
             if held_out < best:
                 best = held_out
-                save("best", step, held_out_nll=held_out)
+                save_best(out, model, step, decoder_fp, cfg, best)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
-            save(f"step-{step}", step)
+            training = {"config": asdict(cfg), "step": step}
+            save_checkpoint(
+                model, out / f"step-{step}", decoder_fingerprint=decoder_fp, training=training
+            )
         if step % cfg.save_every == 0 or step == cfg.steps:
             extra = {"train_seconds_this_session": round(time.time() - started, 1)}
             save_run_state(out, model, opt, step, decoder_fp, cfg, best, extra)
