@@ -113,6 +113,7 @@ class CoprocessorModel(nn.Module):
         hidden = decoder.config.hidden_size
         self.hidden_size = hidden
         self.peft: nn.Module | None = None
+        self.lora_layers: list[nn.Module] = []
         self.full_copy: nn.Module | None = None
         if config.method == "lora":
             from peft import LoraConfig, get_peft_model
@@ -126,8 +127,11 @@ class CoprocessorModel(nn.Module):
             )
             # LoRA layers are injected into the decoder's modules in place: one copy of the
             # weights serves both roles (adapters off = decoder, on = coprocessor).
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
             self.peft = get_peft_model(decoder, lora)
             self.decoder = self.peft.get_base_model()
+            self.lora_layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
         else:
             self.decoder = decoder
             if config.method == "full":
@@ -165,12 +169,19 @@ class CoprocessorModel(nn.Module):
 
     @contextlib.contextmanager
     def decoder_role(self) -> Iterator[None]:
-        """The plain frozen decoder: LoRA adapters off."""
-        if self.peft is not None:
-            with self.peft.disable_adapter():
-                yield
-        else:
+        """The plain frozen decoder: LoRA adapters off. Each LoRA layer is switched directly:
+        peft's `disable_adapter` first scans the whole model's status, which made a switch
+        cost about 60 ms here (8 ms this way), once or twice per worker batch."""
+        if self.peft is None or self.lora_layers[0].disable_adapters:  # none, or already off
             yield
+            return
+        for layer in self.lora_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self.lora_layers:
+                layer.enable_adapters(True)
 
     def _attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         # SDPA takes a boolean mask; eager attention (e.g. Gemma-2) adds a float one.
@@ -277,8 +288,12 @@ class CoprocessorModel(nn.Module):
             return self._run_groups(self.decoder.model, kv, prefix_lens, embeds)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The LM head over states [..., H]. Flattened to 2-D first: on a 4-D input the CPU
+        linear broadcasts the 49k x H weight through a batched matmul and copies it (measured:
+        240 ms of a 370 ms check pass)."""
+        flat = states.reshape(-1, states.shape[-1])
         with self.autocast():
-            return self.decoder.lm_head(states).float()
+            return self.decoder.lm_head(flat).float().reshape(*states.shape[:-1], -1)
 
     # --- the loss -----------------------------------------------------------------------
 
