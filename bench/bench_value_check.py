@@ -5,7 +5,8 @@ plus the check's latents and scoring, in the same packed passes) against `latent
 The two are timed alternately, several rounds each, and the ratio of medians is reported,
 so load drift on a shared machine hits both sides alike.
 
-    python bench/bench_value_check.py --lengths 128 256 512 1024 --batches 1 4 --rounds 5
+    python bench/bench_value_check.py --lengths 128 256 512 1024 --batches 1 4 --rounds 5 \
+        [--points 1]
 
 Prints a Markdown table (paste it into docs/benchmarks.md with the command and machine).
 """
@@ -47,12 +48,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--points", type=int, default=ValueCheck.points, help="check points")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = Coprocessor.load(
         bundled_checkpoint_dir(), resolve_decoder(None, Settings().cache_dir), dtype=torch.float32
     )
-    check = ValueCheck()
+    check = ValueCheck(points=args.points)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} thread(s), compute dtype {model.model.compute_dtype}; check {check}"
