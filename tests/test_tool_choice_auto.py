@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 from vllm.outputs import CompletionOutput
 from vllm.tool_parsers import ToolParserManager
 
@@ -36,6 +37,29 @@ TOOLS = [
     }
 ]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _settings(*flags: str) -> Any:
+    from deliberate.cli import build_parser
+    from deliberate.commands import settings_from_args
+
+    return settings_from_args(build_parser().parse_args(["serve", *flags]))
+
+
+def test_the_flags_select_vllms_parser(decoder_parts: DecoderParts) -> None:
+    from deliberate.serving import auto_tool_parser
+
+    tokenizer = decoder_parts.tokenizer
+    on = _settings("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    assert auto_tool_parser(on, tokenizer) is HERMES
+    assert auto_tool_parser(_settings(), tokenizer) is None
+    # As `vllm serve`: the parser alone is accepted, and "auto" stays off.
+    assert auto_tool_parser(_settings("--tool-call-parser", "hermes"), tokenizer) is None
+    with pytest.raises(ValidationError, match="--enable-auto-tool-choice requires"):
+        _settings("--enable-auto-tool-choice")
+    unknown = _settings("--enable-auto-tool-choice", "--tool-call-parser", "nope")
+    with pytest.raises(ValueError, match=r"'nope': vLLM has no such parser.*hermes"):
+        auto_tool_parser(unknown, tokenizer)
 
 
 @pytest.fixture
@@ -125,3 +149,69 @@ def test_streamed_deltas_assemble_to_the_call(decoder_parts: DecoderParts) -> No
     assert {tc["index"] for tc in calls} == {0}
     assert [c["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1]["finish_reason"] == "tool_calls"
+
+
+# --- the real engine -------------------------------------------------------------------------
+
+
+async def _stream(http: httpx.AsyncClient, body: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    return out
+
+
+@pytest.mark.slow
+async def test_auto_on_the_real_engine(decoder_parts: DecoderParts, vllm_engine: Any) -> None:
+    from deliberate.serving import auto_tool_parser
+
+    body: dict[str, Any] = {
+        "messages": MESSAGES,
+        "tools": TOOLS,
+        "tool_choice": "auto",
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+    store = open_store(None, registry=CollectorRegistry())
+    plain = make_state(decoder_parts, store, engine=vllm_engine)
+    async with serving(plain) as base, httpx.AsyncClient(base_url=base, timeout=300) as http:
+        refused = await http.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400
+        assert "--enable-auto-tool-choice" in refused.json()["error"]["message"]
+    await store.close()
+
+    flags = _settings("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    parser = auto_tool_parser(flags, decoder_parts.tokenizer)
+    store = open_store(None, registry=CollectorRegistry())
+    state = make_state(decoder_parts, store, engine=vllm_engine, tool_parser=parser)
+    async with serving(state) as base, httpx.AsyncClient(base_url=base, timeout=300) as http:
+        free = await http.post("/v1/chat/completions", json=body)
+        assert free.status_code == 200, free.text
+        [choice] = free.json()["choices"]
+        assert choice["message"]["role"] == "assistant"
+        assert choice["finish_reason"] in ("stop", "length", "tool_calls")
+        assert choice["message"]["content"] or choice["message"].get("tool_calls")
+
+        # The model's output forced to one Hermes tool call: what the parser answers.
+        forced = {**body, "max_tokens": 60, "structured_outputs": {"choice": [CALL]}}
+        whole = await http.post("/v1/chat/completions", json=forced)
+        assert whole.status_code == 200, whole.text
+        [choice] = whole.json()["choices"]
+        assert choice["finish_reason"] == "tool_calls"
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+        chunks = await _stream(http, {**forced, "stream": True})
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+        assert [tc["function"]["name"] for tc in calls if "name" in tc["function"]] == [
+            "get_weather"
+        ]
+        arguments = "".join(tc["function"].get("arguments", "") for tc in calls)
+        assert json.loads(arguments) == {"city": "Paris"}
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    await store.close()
