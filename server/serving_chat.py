@@ -82,7 +82,14 @@ def auto_tools(state: ServerState, body: ChatCompletionRequest) -> AutoTools | N
             param="tool_choice",
         )
     fields = body.model_dump(
-        include={"messages", "tools", "chat_template_kwargs"}, exclude_none=True
+        include={
+            "messages",
+            "tools",
+            "chat_template_kwargs",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+        },
+        exclude_none=True,
     )
     request = VllmChatRequest.model_validate({**fields, "tool_choice": "auto"})
     # As vLLM: the parser adjusts the request before generation; for "auto" that is only how

@@ -111,9 +111,11 @@ def _output(text: str, token_ids: list[int], finish_reason: str | None) -> Compl
 
 
 def test_the_parser_extracts_calls_from_a_whole_output(decoder_parts: DecoderParts) -> None:
-    renderer = _renderer(decoder_parts)
-    # Hermes' tags are special tokens in the models it is for: the parser keeps them.
+    renderer = _renderer(decoder_parts, spaces_between_special_tokens=False)
+    # Hermes' tags are special tokens in the models it is for: the parser keeps them, and
+    # leaves what it does not adjust as the request asked.
     assert renderer.body.skip_special_tokens is False
+    assert renderer.body.spaces_between_special_tokens is False
     called = renderer.choice(
         0, 0, None, _output("Let me look. " + CALL, [], "stop"), final=True, first=True
     )
