@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.tool_parsers import ToolParser
 
 from cache_store.checkpoint import CheckpointInfo
 from cache_store.fingerprint import decoder_fingerprint
@@ -37,6 +38,7 @@ from server.augmentation import Augmenter
 from server.embeddings import EmbeddingTable
 from server.engine import engine_args, served_names, start_engine
 from server.metrics import ServerMetrics
+from server.serving_chat import tool_parser_class
 
 log = logging.getLogger("deliberate.serve")
 
@@ -95,6 +97,21 @@ def load_chat_template(template: str | None) -> str | None:
     if any(c in template for c in "{}"):
         return template
     raise ValueError(f"--chat-template {template!r}: neither a file nor a template")
+
+
+def auto_tool_parser(settings: Settings, tokenizer: Any) -> type[ToolParser] | None:
+    """vLLM's tool-call parser for tool_choice "auto", when --enable-auto-tool-choice is on."""
+    if settings.tool_call_parser is None:
+        return None
+    parser = tool_parser_class(settings.tool_call_parser, tokenizer)  # checked either way
+    if not settings.enable_auto_tool_choice:
+        # As `vllm serve`, the flag alone is accepted; here it has nothing to do.
+        log.warning(
+            "--tool-call-parser %s has no effect without --enable-auto-tool-choice",
+            settings.tool_call_parser,
+        )
+        return None
+    return parser
 
 
 async def log_engine_stats(engine: Any, interval_s: float = 10.0) -> None:
@@ -157,14 +174,16 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
         if runs_embedded_worker(settings):
             worker = make_worker(settings, store, registry)
             worker_task = asyncio.create_task(worker.run(worker_stop), name="embedded-worker")
+        tokenizer = AutoTokenizer.from_pretrained(
+            args.tokenizer, trust_remote_code=args.trust_remote_code
+        )
+        tool_parser = auto_tool_parser(settings, tokenizer)  # a bad parser fails before the engine
         engine = start_engine(args, cpu_kv_cache_gib=settings.kv_cache_gib)
         names = served_names(args)
         model_config = engine.model_config
         state = ServerState(
             engine=engine,
-            tokenizer=AutoTokenizer.from_pretrained(
-                args.tokenizer, trust_remote_code=args.trust_remote_code
-            ),
+            tokenizer=tokenizer,
             augmenter=augmenter,
             model_name=names[0],
             aliases=names[1:],
@@ -178,6 +197,7 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
             chat_template=chat_template,
             vocab_size=model_config.get_vocab_size(),
             default_sampling=model_config.get_diff_sampling_param(),
+            tool_parser=tool_parser,
             engine_registry=None if args.disable_log_stats else get_prometheus_registry(),
         )
         if not args.disable_log_stats:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coprocessor_worker.hardware import auto_dtype
@@ -98,6 +98,18 @@ class Settings(BaseSettings):
         "tokenizer's, as vLLM's --chat-template",
     )
 
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description='answer tool_choice "auto" (the default when tools are given) by parsing '
+        "the model's tool calls out of its output with --tool-call-parser, as vLLM's flag",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM's tool-call parser for the model's format (hermes, llama3_json, "
+        "mistral, ...: any name vLLM registers), as vLLM's flag; needed by "
+        "--enable-auto-tool-choice",
+    )
+
     # --- server -----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the server listens on")
     port: int = Field(8000, description="port the server listens on")
@@ -161,6 +173,13 @@ class Settings(BaseSettings):
         None,
         description="run the worker loop inside the server; default: only with the in-memory store",
     )
+
+    @model_validator(mode="after")
+    def _auto_tools_need_a_parser(self) -> Settings:
+        # As `vllm serve`: refused at start, not on the first request with tools.
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")
+        return self
 
     def compute_dtype(self) -> Literal["bfloat16", "float16", "float32"]:
         return auto_dtype() if self.dtype == "auto" else self.dtype

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +167,7 @@ async def serve(
     *,
     chat: bool,
     default_max_tokens: int | None,
-    render: type[Renderer],
+    render: Callable[..., Renderer],
     tool_schema: dict[str, Any] | None = None,
 ) -> Response:
     arrived = time.perf_counter()

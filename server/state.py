@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
+from vllm.tool_parsers import ToolParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from server.augmentation import Augmenter
@@ -53,6 +54,9 @@ class ServerState:
     default_sampling: Mapping[str, Any] = field(default_factory=dict)
     """Sampling defaults from the model's generation_config (vLLM's
     `model_config.get_diff_sampling_param()`), used where a request sets none."""
+    tool_parser: type[ToolParser] | None = None
+    """vLLM's tool-call parser for `tool_choice: "auto"` (vLLM's --enable-auto-tool-choice
+    --tool-call-parser); None: "auto" is refused."""
     engine_registry: CollectorRegistry | None = None
     """Where vLLM's stat logger registers its `vllm:` series (prometheus_client's default
     registry, or a multiprocess one); rendered on /metrics beside ours."""

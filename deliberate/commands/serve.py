@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "kv_cache_gib",
         "gpu_memory_utilization",
         "chat_template",
+        "enable_auto_tool_choice",
+        "tool_call_parser",
     )
 
 
