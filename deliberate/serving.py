@@ -114,6 +114,7 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     api_keys = settings.api_key_tenants()  # a bad key file fails here, before the slow start
+    payload_secret = settings.payload_mac_key()  # so does a missing secret file
     chat_template = load_chat_template(settings.chat_template)
     warn_if_open(settings.host, api_keys)
     model_dir = decoder_dir(settings)
@@ -153,6 +154,7 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
             value_policy=value_policy(settings),
             value_refresh_s=settings.value_refresh_seconds,
             metrics=metrics,
+            payload_secret=payload_secret,
         )
         if runs_embedded_worker(settings):
             worker = make_worker(settings, store, registry)

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "store_max_connections",
         "store_breaker_failures",
         "store_breaker_cooldown_seconds",
+        "payload_secret_file",
         "min_context_tokens",
         "max_context_tokens",
         "max_request_bytes",
