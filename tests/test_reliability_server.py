@@ -4,6 +4,9 @@ tenant cache salts, and requests that used to reach vLLM and come back as 500s."
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -213,3 +216,47 @@ async def test_a_redis_writer_without_the_payload_secret_cannot_inject_latents(
             assert await status(h) == "hit"
     finally:
         await store.close()
+
+
+async def test_a_client_that_disconnects_aborts_its_generation(
+    decoder_parts: DecoderParts, vllm_engine: Any
+) -> None:
+    store = open_store(None, registry=CollectorRegistry())
+    state = make_state(decoder_parts, store, engine=vllm_engine)
+    # Long enough to run for minutes on this CPU if nothing stops it.
+    body = json.dumps(_completion(None, max_tokens=1800, ignore_eos=True)).encode()
+    async with serving(state) as base:
+        port = int(base.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        deadline = time.monotonic() + 60
+        while vllm_engine.get_num_unfinished_requests() == 0:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            await asyncio.sleep(0.05)
+        writer.close()  # the client gives up before the answer
+        await writer.wait_closed()
+        deadline = time.monotonic() + 10
+        while vllm_engine.get_num_unfinished_requests() or not _disconnects(state):
+            assert time.monotonic() < deadline, (
+                f"{vllm_engine.get_num_unfinished_requests()} engine request(s) still running "
+                f"10 s after the client left; disconnects counted: {_disconnects(state)}"
+            )
+            await asyncio.sleep(0.05)
+        assert _disconnects(state) == 1
+        # The server carries on.
+        async with httpx.AsyncClient(base_url=base, timeout=120) as h:
+            fine = await h.post("/v1/completions", json=_completion(None))
+            assert fine.status_code == 200, fine.text
+    await store.close()
+
+
+def _disconnects(state: Any) -> float:
+    value = state.registry.get_sample_value(
+        "deliberate_requests_disconnected_total", {"endpoint": "completions"}
+    )
+    return value or 0.0
