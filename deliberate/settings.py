@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     )
     max_context_tokens: int = Field(3072, description="longest context accepted, in tokens")
     max_request_bytes: int = Field(1 << 20, description="largest request body accepted")
+    shutdown_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="on SIGTERM the server stops accepting connections and lets requests in "
+        "progress (streams included) finish for this long, then cancels the rest (aborting "
+        "their generation) and exits",
+    )
     max_augment_wait_seconds: float = Field(
         30.0, description="cap on a request's bounded wait for a pending augmentation"
     )

@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "metrics_key",
         "docs",
         "max_concurrent_requests",
+        "shutdown_timeout_seconds",
         "store_max_connections",
         "store_breaker_failures",
         "store_breaker_cooldown_seconds",
