@@ -29,7 +29,9 @@ def rows(result: dict) -> list[str]:
         for form in ("qa", "chat"):
             summary = result["serving"][form][name]
             cells.append(f"{cell(summary['raw'])}; acc {summary['acc']:.3f}")
-        served = [result["text"][s]["served_fraction"][name] for s in ("in_domain", "out_of_domain")]
+        served = [
+            result["text"][s]["served_fraction"][name] for s in ("in_domain", "out_of_domain")
+        ]
         served += [result["serving"][f][name]["served_fraction"] for f in ("qa", "chat")]
         cells.append(" / ".join(f"{s:.0%}" for s in served))
         out.append(f"| {name.split(':')[-1]} | " + " | ".join(cells) + " |")

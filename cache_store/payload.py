@@ -2,7 +2,9 @@
 
 Layout: one tensor named `latents`, shape [n_latents, hidden], bf16 by default; string
 metadata holding the format version, the key, both fingerprints, the prefix length, the
-shape, the dtype, the creation time and the SHA-256 of the tensor's raw bytes.
+shape, the dtype, the creation time and the SHA-256 of the tensor's raw bytes; with a shared
+secret, also `mac`: an HMAC-SHA256 of all the other metadata (which binds the tensor bytes
+through their SHA-256), so that a Redis writer without the secret cannot forge latents.
 
 Readers verify every field against what they expect and reject anything else with
 `PayloadRejected(reason)`. Parsing goes through safetensors only (never torch.load, never
@@ -12,10 +14,11 @@ pickle): a payload is data from the network and must not be able to run code.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +55,11 @@ DIGEST_MISMATCH = "digest_mismatch"
 NON_FINITE = "non_finite"
 TOO_LARGE = "too_large"
 NORM = "norm_out_of_range"
+MAC = "mac_mismatch"
+
+MAC_FIELD = "mac"
+# Keeps this MAC from being valid for anything else the same secret might ever sign.
+_MAC_DOMAIN = b"deliberate-payload-mac\0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,9 @@ class PayloadExpectation:
     (an fp32 3.4e38 is finite, and Inf in fp16)."""
     max_latent_norm: float | None = None
     """Largest L2 norm allowed for any one latent (row), in the cast dtype."""
+    secret: bytes | None = field(default=None, repr=False)
+    """The shared payload secret: the payload must carry a valid `mac`. None: not checked
+    (a `mac` present is ignored, so workers can start signing before servers verify)."""
 
     @classmethod
     def for_job(
@@ -131,6 +142,13 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _mac(secret: bytes, meta: dict[str, str]) -> str:
+    """HMAC-SHA256 of every metadata field but the MAC itself, in a canonical order."""
+    fields = {name: value for name, value in meta.items() if name != MAC_FIELD}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(secret, _MAC_DOMAIN + canonical, hashlib.sha256).hexdigest()
+
+
 def encode_payload(
     latents: torch.Tensor,
     *,
@@ -141,9 +159,11 @@ def encode_payload(
     dtype: torch.dtype = torch.bfloat16,
     created_at: float | None = None,
     value: ValueFigure | None = None,
+    secret: bytes | None = None,
 ) -> bytes:
     """Serialize latents [n_latents, hidden] (cast to `dtype`, bf16 by default), with the
-    value check's figure of them when the worker measured one."""
+    value check's figure of them when the worker measured one, signed with `secret` if
+    given."""
     validate_key(key)
     if latents.dim() != 2 or latents.shape[0] == 0 or latents.shape[1] == 0:
         raise ValueError(f"latents must have shape [n_latents, hidden], got {tuple(latents.shape)}")
@@ -173,6 +193,8 @@ def encode_payload(
             "value_std_error": repr(value.std_error),
             "value_tokens": str(value.tokens),
         }
+    if secret is not None:
+        metadata[MAC_FIELD] = _mac(secret, metadata)
     return st_save({TENSOR_NAME: tensor}, metadata=metadata)
 
 
@@ -222,6 +244,20 @@ def _require_int(meta: dict[str, str], name: str) -> int:
         return int(_require(meta, name))
     except ValueError as exc:
         raise PayloadRejected(FORMAT, f"metadata field {name!r} is not an integer") from exc
+
+
+def _check_mac(meta: dict[str, Any], secret: bytes) -> None:
+    """Before anything else is read: latents from a writer without the secret are not
+    parsed at all."""
+    if not all(isinstance(value, str) for value in meta.values()):
+        raise PayloadRejected(FORMAT, "metadata values must be strings")
+    found = meta.get(MAC_FIELD)
+    if found is None:
+        raise PayloadRejected(MAC, "payload is not signed, and this reader requires a MAC")
+    # Bytes, not str: compare_digest refuses non-ASCII str, and the field is untrusted.
+    given = found.encode("utf-8", "replace")
+    if not hmac.compare_digest(given, _mac(secret, meta).encode()):
+        raise PayloadRejected(MAC, "payload MAC does not match (written without the secret?)")
 
 
 def _check_identity(meta: dict[str, str], expected: PayloadExpectation) -> None:
@@ -291,6 +327,8 @@ def decode_payload(data: bytes, *, expected: PayloadExpectation) -> Payload:
     tensors = [name for name in header if name != "__metadata__"]
     if tensors != [TENSOR_NAME]:
         raise PayloadRejected(FORMAT, f"expected one tensor {TENSOR_NAME!r}, found {tensors}")
+    if expected.secret is not None:
+        _check_mac(meta, expected.secret)
     _check_identity(meta, expected)
     try:
         latents = st_load(data)[TENSOR_NAME]

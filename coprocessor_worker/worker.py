@@ -190,6 +190,7 @@ class AugmentationWorker:
         metrics: WorkerMetrics,
         check: ValueCheck | None = None,
         policy: ValuePolicy | None = None,
+        payload_secret: bytes | None = None,
     ) -> None:
         self.store = store
         self.model = model
@@ -198,6 +199,8 @@ class AugmentationWorker:
         self.metrics = metrics
         self.check = check or ValueCheck()
         self.policy = policy or ValuePolicy()
+        self.payload_secret = payload_secret
+        """Signs every payload (servers that hold it accept no unsigned latents)."""
         self.ready = False
         self.outcomes: collections.Counter[str] = collections.Counter()
         """Jobs by outcome in this process (the metric's values, readable without scraping)."""
@@ -372,6 +375,7 @@ class AugmentationWorker:
             coprocessor_fp=job.coprocessor_fp,
             prefix_len=job.prefix_len,
             value=figure,
+            secret=self.payload_secret,
         )
         self.store.verify_payload(delivery, payload)
         if figure is not None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
+from sse_starlette.sse import AppStatus
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.tool_parsers import ToolParser
 
@@ -131,6 +132,7 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
     api_keys = settings.api_key_tenants()  # a bad key file fails here, before the slow start
+    payload_secret = settings.payload_mac_key()  # so does a missing secret file
     chat_template = load_chat_template(settings.chat_template)
     warn_if_open(settings.host, api_keys)
     model_dir = decoder_dir(settings)
@@ -170,6 +172,7 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
             value_policy=value_policy(settings),
             value_refresh_s=settings.value_refresh_seconds,
             metrics=metrics,
+            payload_secret=payload_secret,
         )
         if runs_embedded_worker(settings):
             worker = make_worker(settings, store, registry)
@@ -209,8 +212,19 @@ async def serve(settings: Settings, engine_argv: Sequence[str] = ()) -> None:
             docs=settings.docs,
         )
         server = uvicorn.Server(
-            uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level="info",
+                # Past this, uvicorn cancels the requests still running: their engine
+                # requests are aborted and the cleanup below runs, within the pod's grace.
+                timeout_graceful_shutdown=settings.shutdown_timeout_seconds,  # type: ignore[arg-type]
+            )
         )
+        # sse-starlette ends every stream at once on SIGTERM (cut short, no [DONE]); streams
+        # get the same bounded time to finish as other requests instead.
+        AppStatus.disable_automatic_graceful_drain()
         # uvicorn stops on SIGTERM/SIGINT, then re-raises the signal to whatever handler was
         # there before; a no-op one lets the cleanup below (worker batch, engine, store) run,
         # and the process exit 0.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coprocessor_worker.hardware import auto_dtype
@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     )
     store_breaker_cooldown_seconds: float = Field(
         1.0, gt=0, description="how long an open circuit breaker skips the store"
+    )
+    payload_secret: SecretStr | None = Field(
+        None,
+        description="shared secret with which workers sign payloads and servers verify them "
+        "(HMAC-SHA256), so a Redis writer without it cannot inject latents; env var only (a "
+        "flag would show in the process list), or --payload-secret-file; default: unsigned",
+    )
+    payload_secret_file: Path | None = Field(
+        None,
+        description="file holding the payload secret (e.g. a mounted Kubernetes secret; "
+        "surrounding whitespace ignored); instead of DELIBERATE_PAYLOAD_SECRET",
     )
 
     # --- decoder engine (vLLM) --------------------------------------------------------------
@@ -143,6 +154,13 @@ class Settings(BaseSettings):
     )
     max_context_tokens: int = Field(3072, description="longest context accepted, in tokens")
     max_request_bytes: int = Field(1 << 20, description="largest request body accepted")
+    shutdown_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="on SIGTERM the server stops accepting connections and lets requests in "
+        "progress (streams included) finish for this long, then cancels the rest (aborting "
+        "their generation) and exits",
+    )
     max_augment_wait_seconds: float = Field(
         30.0, description="cap on a request's bounded wait for a pending augmentation"
     )
@@ -206,6 +224,23 @@ class Settings(BaseSettings):
                 raise ValueError("an API key entry has an empty key")
             keys[key] = tenant or self.tenant
         return keys
+
+    def payload_mac_key(self) -> bytes | None:
+        """The payload secret from the env var or the file, as HMAC key bytes; None: off."""
+        if self.payload_secret is not None and self.payload_secret_file is not None:
+            raise ValueError("give the payload secret once: the env var or the file, not both")
+        if self.payload_secret_file is not None:
+            secret = self.payload_secret_file.read_text().strip()
+            where = str(self.payload_secret_file)
+        elif self.payload_secret is not None:
+            secret = self.payload_secret.get_secret_value()
+            where = "DELIBERATE_PAYLOAD_SECRET"
+        else:
+            return None
+        # A short secret can be guessed offline from one signed payload.
+        if len(secret) < 16:
+            raise ValueError(f"the payload secret in {where} is shorter than 16 characters")
+        return secret.encode()
 
     # --- worker -----------------------------------------------------------------------------
     worker_batch_max_jobs: int = Field(8, description="most jobs computed in one batch")

@@ -109,6 +109,7 @@ def make_worker(
         metrics=WorkerMetrics(registry),
         check=ValueCheck.recorded_for(coprocessor_dir(settings)),
         policy=value_policy(settings),
+        payload_secret=settings.payload_mac_key(),
     )
 
 

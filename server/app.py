@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import vllm
@@ -27,7 +28,7 @@ from server import (
     serving_tokenization,
 )
 from server.errors import ApiError
-from server.generation import KEY_HEADER, STATUS_HEADER
+from server.generation import KEY_HEADER, STATUS_HEADER, unless_disconnected
 from server.middleware import BodySizeLimit, ConcurrencyLimit
 from server.protocol import (
     AugmentationRequest,
@@ -185,13 +186,28 @@ def create_app(
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         return await serving_tokenization.detokenize(state, body)
 
+    def disconnected(endpoint: str) -> Callable[[], None]:
+        return state.metrics.disconnected.labels(endpoint=endpoint).inc
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, caller: Caller = auth) -> Response:
-        return await serving_completions.create_completion(state, body, caller)
+    async def completions(
+        request: Request, body: CompletionRequest, caller: Caller = auth
+    ) -> Response:
+        return await unless_disconnected(
+            request,
+            serving_completions.create_completion(state, body, caller),
+            disconnected("completions"),
+        )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, caller: Caller = auth) -> Response:
-        return await serving_chat.create_chat_completion(state, body, caller)
+    async def chat_completions(
+        request: Request, body: ChatCompletionRequest, caller: Caller = auth
+    ) -> Response:
+        return await unless_disconnected(
+            request,
+            serving_chat.create_chat_completion(state, body, caller),
+            disconnected("chat"),
+        )
 
     @app.post("/v1/augmentations")
     async def prewarm(body: AugmentationRequest, caller: Caller = auth) -> dict[str, Any]:

@@ -90,6 +90,7 @@ class Augmenter:
         value_policy: ValuePolicy,
         value_refresh_s: float,
         metrics: ServerMetrics,
+        payload_secret: bytes | None = None,
     ) -> None:
         coprocessor.require_decoder(decoder_fp)
         if coprocessor.hidden_size != embeddings.hidden_size:
@@ -110,6 +111,8 @@ class Augmenter:
         self.value_refresh_s = value_refresh_s
         self._verdicts: dict[str, tuple[float, Verdict]] = {}
         self.metrics = metrics
+        self.payload_secret = payload_secret
+        """With it, only payloads signed by a worker holding it are served."""
 
     @property
     def n_latents(self) -> int:
@@ -239,6 +242,7 @@ class Augmenter:
             # deliberate_store_payload_rejected_total{reason} and the payload discarded.
             cast_to=self.embeddings.weight.dtype,
             max_latent_norm=self.coprocessor.latent_norm_max,
+            secret=self.payload_secret,
         )
 
     async def prewarm(self, context_ids: list[int], tenant: str | None) -> tuple[Job, str]:

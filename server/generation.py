@@ -9,13 +9,15 @@ numbers them (`index = prompt * n + choice`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from vllm import SamplingParams
@@ -30,6 +32,41 @@ from server.state import ServerState, cache_salt
 
 STATUS_HEADER = "X-Deliberate-Augmentation"
 KEY_HEADER = "X-Deliberate-Key"
+CLIENT_CLOSED = 499
+"""The status recorded (never sent) for a request whose client went away, as nginx's."""
+
+
+async def unless_disconnected(
+    request: Request,
+    handler: Coroutine[Any, Any, Response],
+    on_disconnect: Callable[[], None],
+) -> Response:
+    """The handler's response, or, if the client disconnects first, the handler cancelled:
+    its engine requests are aborted (vLLM's AsyncLLM.generate aborts when cancelled), so a
+    client that gave up does not keep a sequence decoding until max_tokens. As vLLM's
+    `with_cancellation`. A stream, once returned, watches for the disconnect itself."""
+    work = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()  # this request is being cancelled (shutdown past its bound): it too
+        raise
+    finally:
+        watcher.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work  # the abort happens as the cancellation unwinds the engine's generator
+    on_disconnect()
+    return Response(status_code=CLIENT_CLOSED)
+
+
+async def _disconnected(request: Request) -> None:
+    # The body was read before the handler ran, so only the disconnect is left to receive.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def check_model(state: ServerState, body: GenerationRequest | Any) -> None:

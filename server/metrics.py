@@ -17,6 +17,15 @@ class ServerMetrics:
             ["endpoint", "status"],
             registry=registry,
         )
+        self.disconnected = Counter(
+            "deliberate_requests_disconnected_total",
+            "Generation requests whose client went away before the answer; their engine "
+            "requests were aborted",
+            ["endpoint"],
+            registry=registry,
+        )
+        for endpoint in ("completions", "chat"):  # exported from the start: rates see zeros
+            self.disconnected.labels(endpoint=endpoint)
         self.time_to_first_token = Histogram(
             "deliberate_time_to_first_token_seconds",
             "Time from request arrival to the first generated token",

@@ -250,6 +250,21 @@ async def test_bad_payload_is_rejected_counted_and_never_returned(
     assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
 
 
+async def test_with_a_secret_only_signed_payloads_are_returned(harness: StoreHarness) -> None:
+    store = harness.open()
+    secret = b"payload-secret-0123456789"
+    job = make_job(10)
+    signed_expectation = dataclasses.replace(expectation(job), secret=secret)
+    for forged in (make_payload(job), make_payload(job, secret=b"another-secret-0123456789")):
+        await harness.inject_payload(store, job.key, forged)
+        assert await store.get_payload(job.key, signed_expectation) is None
+        assert (await store.status(job.key)).state is KeyState.ABSENT  # deleted
+    assert sample(store, "deliberate_store_payload_rejected_total", reason="mac_mismatch") == 2
+    await harness.inject_payload(store, job.key, make_payload(job, secret=secret))
+    payload = await store.get_payload(job.key, signed_expectation)
+    assert payload is not None and torch.equal(payload.latents, make_latents(0).bfloat16())
+
+
 async def test_oversized_stored_payload_is_rejected(harness: StoreHarness) -> None:
     store = harness.open(max_payload_bytes=1000)
     job = make_job(9)

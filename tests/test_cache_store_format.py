@@ -210,3 +210,35 @@ def test_encode_refuses_bad_latents() -> None:
         _encode(key, torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="dtype"):
         _encode(key, dtype=torch.int8)
+
+
+def _resave(data: bytes, **changes: str) -> bytes:
+    """The same tensor with some metadata rewritten, as a Redis writer could store it."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + header_len])["__metadata__"] | changes
+    return st_save(
+        {"latents": decode_payload(data, expected=_expect(meta["key"])).latents}, metadata=meta
+    )
+
+
+def test_a_signed_payload_is_read_only_with_its_secret() -> None:
+    key = prefix_key(**BASE)
+    secret = b"s" * 32
+    signed = _encode(key, secret=secret)
+    assert decode_payload(signed, expected=_expect(key, secret=secret)).key == key
+    # A reader without the secret ignores the MAC (workers sign before servers verify).
+    assert decode_payload(signed, expected=_expect(key)).key == key
+    forgeries = {
+        "unsigned": _encode(key),
+        "signed with another secret": _encode(key, secret=b"t" * 32),
+        # Valid digest and fields, metadata changed after signing: the MAC covers it all.
+        "metadata changed": _resave(
+            signed, value_delta="-1.0", value_std_error="0.1", value_tokens="16"
+        ),
+        "MAC not ASCII": _resave(signed, mac="\u00e9" * 64),
+    }
+    for name, data in forgeries.items():
+        with pytest.raises(PayloadRejected) as excinfo:
+            decode_payload(data, expected=_expect(key, secret=secret))
+        assert excinfo.value.reason == "mac_mismatch", name
+    assert "sss" not in repr(_expect(key, secret=secret))  # never in a log line

@@ -8,6 +8,7 @@ request path or a crashed claim in a worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import struct
 from typing import Any
@@ -24,8 +25,11 @@ from cache_store.payload import decode_payload  # noqa: E402
 from tests.fixtures.store_backends import make_job, make_payload  # noqa: E402
 
 JOB = make_job(1)
+SECRET = b"fuzz-payload-secret-0123"
 EXPECTED = PayloadExpectation.for_job(JOB)
-VALID = make_payload(JOB)
+SIGNED = dataclasses.replace(EXPECTED, secret=SECRET)
+"""A reader holding the payload secret: every property runs both readers."""
+VALID = make_payload(JOB, secret=SECRET)
 FUZZ = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
@@ -40,8 +44,9 @@ json_values = st.recursive(
 
 
 def decode(data: bytes) -> None:
-    with contextlib.suppress(PayloadRejected):  # the documented rejection; anything else fails
-        decode_payload(data, expected=EXPECTED)
+    for expected in (EXPECTED, SIGNED):
+        with contextlib.suppress(PayloadRejected):  # the documented rejection; else fails
+            decode_payload(data, expected=expected)
 
 
 def parse(data: str | bytes) -> None:
@@ -129,3 +134,4 @@ def test_job_from_arbitrary_job_like_objects_only_rejects(fields: dict[str, Any]
 def test_a_valid_job_and_payload_still_parse() -> None:
     assert Job.from_json(JOB.to_json()) == JOB
     assert decode_payload(VALID, expected=EXPECTED).key == JOB.key
+    assert decode_payload(VALID, expected=SIGNED).key == JOB.key

@@ -180,6 +180,24 @@ def test_api_keys_map_to_tenants_from_the_setting_and_the_file(tmp_path: Path) -
         Settings(api_keys_file=keys).api_key_tenants()
 
 
+def test_the_payload_secret_comes_from_the_env_or_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings().payload_mac_key() is None  # off by default
+    secret_file = tmp_path / "payload-secret"
+    secret_file.write_text("file-secret-0123456789\n")
+    assert Settings(payload_secret_file=secret_file).payload_mac_key() == b"file-secret-0123456789"
+    monkeypatch.setenv("DELIBERATE_PAYLOAD_SECRET", "env-secret-0123456789")
+    settings = Settings()
+    assert settings.payload_mac_key() == b"env-secret-0123456789"
+    assert "env-secret" not in repr(settings)  # a SecretStr: never in a log line
+    with pytest.raises(ValueError, match="not both"):
+        Settings(payload_secret_file=secret_file).payload_mac_key()
+    monkeypatch.setenv("DELIBERATE_PAYLOAD_SECRET", "short")
+    with pytest.raises(ValueError, match="shorter than 16"):
+        Settings().payload_mac_key()
+
+
 # --- item 3: the key comparison -------------------------------------------------------------
 
 

@@ -4,6 +4,9 @@ tenant cache salts, and requests that used to reach vLLM and come back as 500s."
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,10 +16,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from cache_store import encode_payload, open_store
+from cache_store.factory import redis_client
+from cache_store.keys import payload_key
 from server.app import cache_salt
 from tests.fixtures.app_server import DecoderParts, make_state, serving
 from tests.fixtures.redis_server import RedisServer
-from tests.fixtures.store_backends import FAST
+from tests.fixtures.store_backends import FAST, sample
 from tests.test_reliability_store import FAULTS, _server
 
 pytestmark = pytest.mark.slow
@@ -159,3 +164,99 @@ async def test_requests_that_reached_vllm_as_500s_are_400s(
         # Still serving after all of that.
         assert (await h.get("/ready")).status_code == 200
     await store.close()
+
+
+async def test_a_redis_writer_without_the_payload_secret_cannot_inject_latents(
+    redis_server_factory: ServerFactory, decoder_parts: DecoderParts, vllm_engine: object
+) -> None:
+    secret = b"payload-secret-for-tests-0123"
+    redis = redis_server_factory()
+    store = open_store(redis.url, registry=CollectorRegistry(), **FAST)
+    state = make_state(decoder_parts, store, engine=vllm_engine, payload_secret=secret)
+    n_latents, hidden = decoder_parts.checkpoint.n_latents, decoder_parts.embeddings.hidden_size
+    latents = torch.randn(n_latents, hidden, generator=torch.Generator().manual_seed(0)) * 0.1
+
+    def payload(job: Any, signed_with: bytes | None) -> bytes:
+        return encode_payload(
+            latents,
+            key=job.key,
+            decoder_fp=job.decoder_fp,
+            coprocessor_fp=job.coprocessor_fp,
+            prefix_len=job.prefix_len,
+            secret=signed_with,
+        )
+
+    async def status(h: httpx.AsyncClient) -> str:
+        response = await h.post("/v1/completions", json=_completion())
+        assert response.status_code == 200, response.text
+        return str(response.json()["augmentation"]["status"])
+
+    try:
+        async with serving(state) as base, httpx.AsyncClient(base_url=base, timeout=120) as h:
+            assert await status(h) == "miss-enqueued"
+            [delivery] = await store.claim_jobs("w", 1, 1.0)
+            job = delivery.job
+            # Through the store's own publish (which checks everything but the MAC), and
+            # straight into Redis with another secret: a miss each time, as for a corrupt
+            # payload, counted and discarded.
+            await store.publish(delivery, payload(job, None))
+            assert await status(h) == "miss-enqueued"
+            raw = redis_client(redis.url, op_timeout_s=5.0)
+            try:
+                await raw.set(payload_key(job.key), payload(job, b"not-the-secret-0123456789"))
+            finally:
+                await raw.aclose()
+            assert await status(h) == "miss-enqueued"
+            assert (
+                sample(store, "deliberate_store_payload_rejected_total", reason="mac_mismatch") == 2
+            )
+            # A worker holding the secret: served.
+            [delivery] = await store.claim_jobs("w", 1, 1.0)
+            await store.publish(delivery, payload(job, secret))
+            assert await status(h) == "hit"
+    finally:
+        await store.close()
+
+
+async def test_a_client_that_disconnects_aborts_its_generation(
+    decoder_parts: DecoderParts, vllm_engine: Any
+) -> None:
+    store = open_store(None, registry=CollectorRegistry())
+    state = make_state(decoder_parts, store, engine=vllm_engine)
+    # Long enough to run for minutes on this CPU if nothing stops it.
+    body = json.dumps(_completion(None, max_tokens=1800, ignore_eos=True)).encode()
+    async with serving(state) as base:
+        port = int(base.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        deadline = time.monotonic() + 60
+        while vllm_engine.get_num_unfinished_requests() == 0:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            await asyncio.sleep(0.05)
+        writer.close()  # the client gives up before the answer
+        await writer.wait_closed()
+        deadline = time.monotonic() + 10
+        while vllm_engine.get_num_unfinished_requests() or not _disconnects(state):
+            assert time.monotonic() < deadline, (
+                f"{vllm_engine.get_num_unfinished_requests()} engine request(s) still running "
+                f"10 s after the client left; disconnects counted: {_disconnects(state)}"
+            )
+            await asyncio.sleep(0.05)
+        assert _disconnects(state) == 1
+        # The server carries on.
+        async with httpx.AsyncClient(base_url=base, timeout=120) as h:
+            fine = await h.post("/v1/completions", json=_completion(None))
+            assert fine.status_code == 200, fine.text
+    await store.close()
+
+
+def _disconnects(state: Any) -> float:
+    value = state.registry.get_sample_value(
+        "deliberate_requests_disconnected_total", {"endpoint": "completions"}
+    )
+    return value or 0.0

@@ -3,6 +3,8 @@ sharing a real redis-server, driven by the official openai client."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,3 +363,68 @@ def test_embedded_default_serves_and_augments(logs: Path) -> None:
         assert 'deliberate_requests_total{endpoint="completions",status="declined"} 1.0' in metrics
     finally:
         assert process.stop() == 0
+
+
+def _engine_running(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("vllm:num_requests_running{")
+    )
+
+
+def test_sigterm_lets_requests_finish_within_the_shutdown_timeout(logs: Path) -> None:
+    """SIGTERM: no new connections, the request in progress answered in full, the one that
+    would outlast `--shutdown-timeout-seconds` cut short there, and the process gone (exit
+    0) soon after, not when its last request ends."""
+    timeout_s = 10.0
+    process, base = start_server(
+        logs, "--no-embedded-worker", "--shutdown-timeout-seconds", str(timeout_s)
+    )
+    try:
+        warm = {"prompt": "The railway", "max_tokens": 32, "ignore_eos": True}
+        started = time.monotonic()
+        assert httpx.post(f"{base}/v1/completions", json=warm, timeout=120).status_code == 200
+        rate = 32 / (time.monotonic() - started)  # tokens per second, one sequence
+        short_tokens = max(8, int(rate * 3))  # about 3 s: still running at SIGTERM
+        assert 1900 / rate > 3 * timeout_s, f"{rate:.0f} tokens/s: the long request is too short"
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            short = pool.submit(_timed_completion, base, short_tokens)
+            long = pool.submit(_timed_completion, base, 1900)
+            deadline = time.monotonic() + 60
+            while _engine_running(base) < 2:
+                assert time.monotonic() < deadline, "the two requests never ran together"
+                time.sleep(0.1)
+            terminated = time.monotonic()
+            # To the server process alone, as Kubernetes and `docker stop` signal a container's
+            # PID 1: vLLM's engine core, in the same process group, stops at once on its own
+            # SIGTERM, failing what it runs; the server shuts it down once drained.
+            process.process.send_signal(signal.SIGTERM)
+            done, response = short.result(timeout=120)
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["completion_tokens"] == short_tokens
+            assert done > terminated  # it was in progress when the signal came
+            assert process.process.poll() is None  # still draining, and yet:
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{base}/health", timeout=5)
+            exit_code = process.process.wait(timeout=timeout_s + 60)
+            exited = time.monotonic() - terminated
+            _, cut = long.result(timeout=10)
+            assert not isinstance(cut, httpx.Response) or cut.status_code != 200
+        assert exit_code == 0, process.log_tail()
+        # The timeout, then the engine's and the store's shutdown on a busy machine.
+        assert timeout_s <= exited < timeout_s + 30, exited
+    finally:
+        process.stop()
+
+
+def _timed_completion(base: str, max_tokens: int) -> tuple[float, httpx.Response | Exception]:
+    body = {"prompt": "The railway", "max_tokens": max_tokens, "ignore_eos": True}
+    try:
+        response: httpx.Response | Exception = httpx.post(
+            f"{base}/v1/completions", json=body, timeout=300
+        )
+    except httpx.HTTPError as exc:  # the server went away before answering
+        response = exc
+    return time.monotonic(), response

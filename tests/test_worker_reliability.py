@@ -7,6 +7,7 @@ batch); everything they do not inject is the real computation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import threading
 import time
@@ -94,7 +95,12 @@ def open_store(url: str, **config: float) -> AugmentationStore:
 
 
 def make_worker(
-    store: AugmentationStore, model: object, consumer: str, **limits: float
+    store: AugmentationStore,
+    model: object,
+    consumer: str,
+    *,
+    payload_secret: bytes | None = None,
+    **limits: float,
 ) -> AugmentationWorker:
     options = {"max_jobs": 8, "max_tokens": 4096, "block_s": 0.2} | limits
     return AugmentationWorker(
@@ -105,6 +111,7 @@ def make_worker(
             max_prefix_tokens=MAX_MODEL_LEN - N_LATENTS, vocab_size=VOCAB, **options
         ),  # type: ignore[arg-type]
         metrics=WorkerMetrics(CollectorRegistry()),
+        payload_secret=payload_secret,
     )
 
 
@@ -289,5 +296,23 @@ async def test_workers_remove_dead_consumers_from_the_group(
             "deliberate_store_consumers_removed_total"
         )
         assert removed == 1
+    finally:
+        await store.close()
+
+
+async def test_a_worker_with_the_payload_secret_signs_what_it_publishes(
+    coprocessor: Coprocessor, redis: RedisServer
+) -> None:
+    secret = b"payload-secret-for-tests-0123"
+    store = open_store(redis.url)
+    try:
+        [job] = jobs(coprocessor, [40], seed=5)
+        assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+        assert await make_worker(store, coprocessor, "signer", payload_secret=secret).step() == 1
+        signed = dataclasses.replace(expectation(job), secret=secret)
+        payload = await store.get_payload(job.key, signed)
+        assert payload is not None
+        forged = dataclasses.replace(signed, secret=b"not-the-secret-0123456789")
+        assert await store.get_payload(job.key, forged) is None
     finally:
         await store.close()

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "worker_host",
         "worker_metrics_port",
         "worker_consumer",
+        "payload_secret_file",
     )
 
 
