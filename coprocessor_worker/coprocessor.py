@@ -129,9 +129,12 @@ class ValueCheck:
     """Where the value check measures: up to `points` earlier points of a context, spaced
     `tokens` apart back from its end, each followed by `tokens` tokens of the context's own
     tail. Scored are ahead positions skip+1..tokens: in serving a prompt sits between the
-    latents and the answer, so the first tokens after the latents are not what is scored."""
+    latents and the answer, so the first tokens after the latents are not what is scored.
+    One point by default: it costs half the extra decoder tokens of two (docs/benchmarks.md)
+    and predicted the effect at a context's other points no worse than four (issue 11's
+    probe). A checkpoint evaluated with another geometry keeps it (`recorded_for`)."""
 
-    points: int = 2
+    points: int = 1
     tokens: int = 16
     skip: int = 3
     min_prefix: int = 32
