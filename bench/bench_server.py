@@ -6,6 +6,13 @@ first token (streaming). Then the cost of an augmented hit: TTFT of the same con
 with latents against plain.
 
     python bench/bench_server.py --concurrency 1 8 32 --requests 64 --max-tokens 64
+    python bench/bench_server.py --concurrency --context-tokens 1000 3000   # cached contexts
+
+With `--context-tokens`, also: a long context of held-out prose followed by six different
+short prompts, repeated, so every request after the first reuses the context's KV blocks from
+vLLM's prefix cache. TTFT medians of `vllm serve` given context + prompt as one prompt,
+Deliberate plain (`context` + `prompt`, `augment: false`) and Deliberate with the context's
+latents (a hit; the value check is off for this server, since only speed is measured).
 
 Prints a Markdown table (paste it into docs/benchmarks.md with the command and machine).
 """
@@ -105,7 +112,7 @@ def start(name: str, args: list[str], log_dir: Path, port: int) -> ServiceProces
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="HF folder; default: the bundled decoder")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument(
         "--requests", type=int, default=16, help="requests per round (at least 2x concurrency)"
     )
@@ -113,6 +120,10 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--enforce-eager", action="store_true", help="both servers: no compile")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/deliberate-bench"))
+    parser.add_argument(
+        "--context-tokens", type=int, nargs="*", default=[], help="cached-context runs (tokens)"
+    )
+    parser.add_argument("--context-repeats", type=int, default=5, help="rounds of six prompts")
     args = parser.parse_args()
 
     from deliberate.models import resolve_decoder
@@ -121,7 +132,9 @@ async def main() -> None:
     model_dir = resolve_decoder(args.model, Settings().cache_dir)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     dtype = Settings().compute_dtype()  # both servers: float32 on CPUs without native bf16
-    common = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--dtype", dtype]
+    longest = max(args.context_tokens, default=0) + 64
+    max_len = str(max(2048, 1 << (longest - 1).bit_length()))
+    common = ["--max-model-len", max_len, "--gpu-memory-utilization", "0.5", "--dtype", dtype]
     eager = ["--enforce-eager"] if args.enforce_eager else []
     vllm_port, ours_port = free_port(), free_port()
     vllm_cmd = [
@@ -153,6 +166,7 @@ async def main() -> None:
             "--served-model-name",
             "m",
             "--allow-unvalidated-coprocessor",
+            "--no-value-check",  # speed only: every context must become a hit
             *common,
             *eager,
         ],
@@ -206,6 +220,8 @@ async def main() -> None:
                 f"{ratio_ttft:.3f} | |"
             )
         await hit_cost(servers["deliberate"], args.max_tokens)
+        for tokens in args.context_tokens:
+            await cached_context(servers, tokens, args.context_repeats)
     finally:
         ours.stop()
         os.killpg(vllm.pid, 15)
@@ -238,6 +254,72 @@ async def hit_cost(base: str, max_tokens: int, repeats: int = 9) -> None:
     print(
         f"\nTTFT, same context ({len(CONTEXT)} chars), median of {repeats}: plain "
         f"{plain * 1000:.1f} ms, augmented hit {hit * 1000:.1f} ms, ratio {hit / plain:.2f}"
+    )
+
+
+CONTEXT_PROMPTS = [
+    "\nQuestion: Who is this passage about?\nAnswer:",
+    "\nQuestion: Where does it take place?\nAnswer:",
+    "\nQuestion: What happens first?\nAnswer:",
+    "\nQuestion: What happens last?\nAnswer:",
+    "\nSummarise the passage in one sentence:",
+    "\nQuestion: What is the mood of the passage?\nAnswer:",
+]
+
+
+def long_context(tokens: int) -> str:
+    """About `tokens` tokens of held-out prose (documents joined), cut at a word."""
+    from transformers import AutoTokenizer
+
+    from coprocessor_worker.data import bundled_documents
+    from deliberate.models import resolve_decoder
+    from deliberate.settings import Settings
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_decoder(None, Settings().cache_dir))
+    ids: list[int] = []
+    for doc in bundled_documents("held_out"):
+        ids += tokenizer(doc.text + "\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            break
+    text = tokenizer.decode(ids[:tokens])
+    return text[: text.rfind(" ")]
+
+
+async def cached_context(servers: dict[str, str], tokens: int, repeats: int) -> None:
+    """Repeated-request TTFT with one long cached context: vllm serve, plain, hit."""
+    context = long_context(tokens)
+    ours = servers["deliberate"]
+    first = {"max_tokens": 1, "temperature": 0}
+    async with httpx.AsyncClient(timeout=600) as http:
+        await http.post(f"{ours}/v1/completions", json={**first, "model": "m",
+                        "context": context, "prompt": CONTEXT_PROMPTS[0]})  # fmt: skip
+        for _ in range(600):
+            r = await http.post(f"{ours}/v1/completions", json={**first, "model": "m",
+                                "context": context, "prompt": CONTEXT_PROMPTS[0]})  # fmt: skip
+            if r.json()["augmentation"]["status"] == "hit":
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise RuntimeError("the long context never became a hit")
+    arms = {
+        "vllm serve": (servers["vllm serve"], lambda p: {"prompt": context + p}),
+        "plain": (ours, lambda p: {"context": context, "prompt": p, "augment": False}),
+        "hit": (ours, lambda p: {"context": context, "prompt": p}),
+    }
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for round_ in range(repeats + 1):  # round 0 warms each arm's prefix-cache blocks
+        for prompt in CONTEXT_PROMPTS:
+            for name, (base, body) in arms.items():
+                async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+                    sample = await one_request(http, "m", {**first, **body(prompt)})
+                if round_:
+                    times[name].append(sample.ttft_s)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    print(
+        f"\ncached context of {tokens} tokens, six prompts x {repeats}, TTFT median: "
+        + ", ".join(f"{name} {t * 1000:.1f} ms" for name, t in med.items())
+        + f"; plain/vllm {med['plain'] / med['vllm serve']:.3f}, "
+        f"hit/plain {med['hit'] / med['plain']:.3f}"
     )
 
 
