@@ -2,7 +2,7 @@
 
 One step: B rows of T tokens of prose (coprocessor_worker/data.py); K augmentation points per
 row; one no-grad decoder pass per row gives the cache shared by its K groups; the coprocessor
-and the decoder each run once over all K groups (see coprocessor.py). Loss: mean NLL of the
+and the decoder each run once over all K groups (see model.py). Loss: mean NLL of the
 N_A ahead tokens (with --kl-weight, plus that weight times the KL from the plain decoder's
 next-token distributions there: a do-no-harm term). With --qa-rows, each step also trains
 on rows in the serving form (passage, question, answer; latents after the passage, loss on
