@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -179,11 +180,13 @@ def sampling_params(
             structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY,
         )
-    except ValueError as exc:  # vLLM's own checks of the values
+    except (ValueError, VLLMClientError) as exc:  # vLLM's own checks of the values
         raise _client_error(exc) from exc
 
 
-def _client_error(exc: ValueError) -> ApiError:
+def _client_error(exc: ValueError | VLLMClientError) -> ApiError:
+    # vLLM 0.32's VLLMValidationError ("The decoder prompt cannot be empty", ...) is a
+    # VLLMClientError, not a ValueError: both are the client's mistake.
     return ApiError(400, str(exc), param=getattr(exc, "parameter", None))
 
 
@@ -293,7 +296,7 @@ async def _started(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[Reque
     stream or a 500."""
     try:
         first = await anext(outputs)
-    except ValueError as exc:
+    except (ValueError, VLLMClientError) as exc:
         raise _client_error(exc) from exc
 
     async def chained() -> AsyncIterator[RequestOutput]:
