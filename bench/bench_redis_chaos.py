@@ -90,6 +90,7 @@ async def clients(
                 "prompt": "Summarize the document in one word:",
                 "context": contexts[i],
                 "max_tokens": args.max_tokens,
+            "value_check": args.value_check,
                 "temperature": 0,
             }
             started = time.monotonic()
@@ -148,13 +149,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     (work / "redis").mkdir()
     redis = RedisServer(work / "redis", appendonly=True)
     redis.start()
+    value = () if args.value_check else ("--no-value-check",)
     store_flags = ("--redis-url", redis.url,
-                   "--visibility-timeout-seconds", str(args.visibility))  # fmt: skip
+                   "--visibility-timeout-seconds", str(args.visibility), *value)  # fmt: skip
     worker: ServiceProcess | None = None
     server: ServiceProcess | None = None
     try:
         worker = spawn_worker(work, redis.url, "--torch-threads", "1",
-                              "--visibility-timeout-seconds", str(args.visibility))  # fmt: skip
+                              "--visibility-timeout-seconds", str(args.visibility),
+                              *value)  # fmt: skip
         server, base = await asyncio.to_thread(start_server, work, *store_flags)
         worker.wait_ready(f"{worker.health_url}/ready", timeout_s=600)  # type: ignore[attr-defined]
         print(f"server {base} and worker ready; {args.requests} requests", flush=True)
@@ -182,6 +185,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "contexts": args.contexts,
             "concurrency": args.concurrency,
             "max_tokens": args.max_tokens,
+            "value_check": args.value_check,
             "kills": len(kill_log),
             "down_seconds_total": round(sum(d for _, d in kill_log), 1),
             "http_codes": dict(codes),
@@ -223,6 +227,12 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--max-minutes", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument(
+        "--value-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="off: serve every payload (more hits; on, many are answered `declined`)",
+    )
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=1))
