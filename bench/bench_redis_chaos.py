@@ -90,7 +90,6 @@ async def clients(
                 "prompt": "Summarize the document in one word:",
                 "context": contexts[i],
                 "max_tokens": args.max_tokens,
-            "value_check": args.value_check,
                 "temperature": 0,
             }
             started = time.monotonic()
