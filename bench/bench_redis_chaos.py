@@ -149,8 +149,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     redis = RedisServer(work / "redis", appendonly=True)
     redis.start()
     value = () if args.value_check else ("--no-value-check",)
+    # With the value check off the bundled coprocessor counts as unvalidated: allow it, else
+    # every answer is `skipped-unvalidated` and the store is never asked.
+    serve_value = value + (() if args.value_check else ("--allow-unvalidated-coprocessor",))
     store_flags = ("--redis-url", redis.url,
-                   "--visibility-timeout-seconds", str(args.visibility), *value)  # fmt: skip
+                   "--visibility-timeout-seconds", str(args.visibility), *serve_value)  # fmt: skip
     worker: ServiceProcess | None = None
     server: ServiceProcess | None = None
     try:
@@ -241,6 +244,7 @@ def main() -> None:
         or any(not c.startswith("2") and c != "404" for c in result["status_lookup_codes"])
         or not result["server_alive"]
         or not result["worker_alive"]
+        or not result["keys_seen"]  # nothing reached the store: the run proved nothing
     )
     sys.exit(1 if bad else 0)
 
