@@ -68,8 +68,10 @@ RedisClient = aioredis.Redis | aioredis.RedisCluster
 # The claim is the dedup: SET NX with expiry. Its value is "t:<token>:<redis ms>" until the
 # job is on the stream, then "j:<entry id>". A "t:" claim older than stale ms belongs to an
 # enqueue that died between its two steps (e.g. a timeout during an outage); it is taken
-# over, so an outage cannot leave a key pending for the whole pending TTL. Times come from
-# Redis, so client clock skew cannot make fresh claims look stale.
+# over, and it expires after stale ms by itself (confirming it sets the pending TTL), so an
+# outage cannot leave a key pending for the whole pending TTL even if no enqueue of the key
+# comes again. Times come from Redis, so client clock skew cannot make fresh claims look
+# stale.
 _ENQUEUE_CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'ready' end
 local state = redis.call('HGET', KEYS[2], 'state')
@@ -83,11 +85,11 @@ local function owned()
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return 'claimed'
 end
-if redis.call('SET', KEYS[3], value, 'NX', 'PX', ARGV[2]) then return owned() end
+if redis.call('SET', KEYS[3], value, 'NX', 'PX', ARGV[3]) then return owned() end
 local held = redis.call('GET', KEYS[3]) or ''
 local born = tonumber(string.match(held, '^t:%x+:(%d+)$'))
 if born and now - born >= tonumber(ARGV[3]) then
-  redis.call('SET', KEYS[3], value, 'PX', ARGV[2])
+  redis.call('SET', KEYS[3], value, 'PX', ARGV[3])
   return owned()
 end
 -- The claim and Redis's time, so the client can check that a "j:" claim's stream entry
@@ -110,10 +112,11 @@ if redis.call('HGET', KEYS[1], 'state') == 'failed' then return redis.call('DEL'
 return 0
 """
 
-# KEYS: claim. ARGV: token, entry id. Marks the claim as backed by a stream entry.
+# KEYS: claim. ARGV: token, entry id, pending ttl ms. Marks the claim as backed by a stream
+# entry, for the pending TTL.
 _CONFIRM_CLAIM = """
 if string.match(redis.call('GET', KEYS[1]) or '', '^t:(%x+):') == ARGV[1] then
-  return redis.call('SET', KEYS[1], 'j:' .. ARGV[2], 'KEEPTTL')
+  return redis.call('SET', KEYS[1], 'j:' .. ARGV[2], 'PX', ARGV[3])
 end
 return 0
 """
@@ -407,7 +410,9 @@ class RedisStore(AugmentationStore):
         if entry_id is None:
             await self._run("drop_claim", [claim], [token])
             return EnqueueOutcome.QUEUE_FULL
-        await self._run("confirm_claim", [claim], [token, _text(entry_id)])
+        await self._run(
+            "confirm_claim", [claim], [token, _text(entry_id), _ms(self.config.pending_ttl_s)]
+        )
         return EnqueueOutcome.ENQUEUED
 
     async def _enqueue_claim(self, job: Job, token: str) -> str:

@@ -291,6 +291,39 @@ async def test_claim_left_by_a_dead_enqueue_is_taken_over(
     await store.close()
 
 
+async def test_claim_left_by_a_dead_enqueue_expires_without_another_enqueue(
+    redis_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by bench/bench_redis_chaos.py: Redis killed between an enqueue's claim and its
+    XADD left the key `pending` for the whole pending TTL (6 h) unless the same context was
+    enqueued again; the unconfirmed claim now expires by itself."""
+    monkeypatch.setattr("cache_store.redis_store._UNCONFIRMED_CLAIM_S", 1.0)
+    server = redis_server_factory()
+    store = _open(server)
+    assert isinstance(store, RedisStore)
+    job = make_job(14)
+    run = store._run
+
+    async def dies_before_the_xadd(name: str, keys: list[str], args: list[Any]) -> Any:
+        if name == "xadd_bounded":
+            raise StoreUnavailable("enqueue", "redis", "killed")
+        return await run(name, keys, args)
+
+    monkeypatch.setattr(store, "_run", dies_before_the_xadd)
+    with pytest.raises(StoreUnavailable):
+        await store.enqueue(job)
+    monkeypatch.setattr(store, "_run", run)
+    assert (await store.status(job.key)).state is KeyState.PENDING
+    await asyncio.sleep(1.5)
+    assert (await store.status(job.key)).state is KeyState.ABSENT
+    # A confirmed claim keeps the pending TTL.
+    assert await store.enqueue(job) is EnqueueOutcome.ENQUEUED
+    raw = aioredis.Redis.from_url(server.url)
+    assert await raw.pttl(claim_key(job.key)) > store.config.pending_ttl_s * 1000 - 5000
+    await raw.aclose()
+    await store.close()
+
+
 def test_sentinel_and_cluster_urls_are_parsed() -> None:
     parsed = _parse_multi_host("redis+sentinel://user:p%40ss@h1:26379,h2:26380/mymaster/2")
     assert parsed.hosts == [("h1", 26379), ("h2", 26380)]
