@@ -241,6 +241,16 @@ async def main() -> None:
         vllm.wait(60)
 
 
+async def until_hit(http: httpx.AsyncClient, body: dict) -> None:
+    """Send `body` (with a context) until the server answers it as a hit (<= 5 min)."""
+    for _ in range(600):
+        r = await http.post("/v1/completions", json={**body, "model": "m"})
+        if r.json()["augmentation"]["status"] == "hit":
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError("the context never became a hit")
+
+
 async def hit_cost(base: str, max_tokens: int, repeats: int = 9) -> None:
     """TTFT for one context served with latents (hit) against plain (augment=false)."""
     body = {
@@ -250,14 +260,7 @@ async def hit_cost(base: str, max_tokens: int, repeats: int = 9) -> None:
         "temperature": 0,
     }
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
-        await http.post("/v1/completions", json={**body, "model": "m"})  # enqueue
-        for _ in range(600):
-            r = await http.post("/v1/completions", json={**body, "model": "m"})
-            if r.json()["augmentation"]["status"] == "hit":
-                break
-            await asyncio.sleep(0.5)
-        else:
-            raise RuntimeError("augmentation never became a hit")
+        await until_hit(http, body)
         times: dict[str, list[float]] = {"plain": [], "hit": []}
         for _ in range(repeats):
             for name, extra in (("plain", {"augment": False}), ("hit", {})):
@@ -335,17 +338,8 @@ async def cached_context(servers: dict[str, str], tokens: int, repeats: int) -> 
     context = long_context(tokens)
     ours = servers["deliberate"]
     first = {"max_tokens": 1, "temperature": 0}
-    async with httpx.AsyncClient(timeout=600) as http:
-        await http.post(f"{ours}/v1/completions", json={**first, "model": "m",
-                        "context": context, "prompt": CONTEXT_PROMPTS[0]})  # fmt: skip
-        for _ in range(600):
-            r = await http.post(f"{ours}/v1/completions", json={**first, "model": "m",
-                                "context": context, "prompt": CONTEXT_PROMPTS[0]})  # fmt: skip
-            if r.json()["augmentation"]["status"] == "hit":
-                break
-            await asyncio.sleep(0.5)
-        else:
-            raise RuntimeError("the long context never became a hit")
+    async with httpx.AsyncClient(base_url=ours, timeout=600) as http:
+        await until_hit(http, {**first, "context": context, "prompt": CONTEXT_PROMPTS[0]})
     arms = {
         "vllm serve": (servers["vllm serve"], lambda p: {"prompt": context + p}),
         "plain": (ours, lambda p: {"context": context, "prompt": p, "augment": False}),
@@ -355,6 +349,7 @@ async def cached_context(servers: dict[str, str], tokens: int, repeats: int) -> 
     for round_ in range(repeats + 1):  # round 0 warms each arm's prefix-cache blocks
         for prompt in CONTEXT_PROMPTS:
             for name, (base, body) in arms.items():
+                # A connection per request, as the figures in docs/benchmarks.md were taken.
                 async with httpx.AsyncClient(base_url=base, timeout=600) as http:
                     sample = await one_request(http, "m", {**first, **body(prompt)})
                 if round_:

@@ -198,11 +198,10 @@ def resume_run(
     return step, best
 
 
-def save_best(
-    out: Path, model, step: int, decoder_fp: str, cfg: TrainConfig, held_out_nll: float
-) -> None:
-    training = {"config": asdict(cfg), "step": step, "held_out_nll": held_out_nll}
-    save_checkpoint(model, out / "best", decoder_fingerprint=decoder_fp, training=training)
+def save_at(folder: Path, model, step: int, decoder_fp: str, cfg: TrainConfig, **extra) -> None:
+    """A checkpoint of the run at `step` (best/, step-N/), its config and step recorded."""
+    training = {"config": asdict(cfg), "step": step, **extra}
+    save_checkpoint(model, folder, decoder_fingerprint=decoder_fp, training=training)
 
 
 def save_run_state(
@@ -264,7 +263,7 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
 
     if step == 0:
         best = min(best, log_evaluation(model, eval_batches, cfg, 0, log))
-        save_best(out, model, 0, decoder_fp, cfg, best)
+        save_at(out / "best", model, 0, decoder_fp, cfg, held_out_nll=best)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", unit="step")
     started = time.time()
     while step < cfg.steps:
@@ -297,12 +296,9 @@ def train(cfg: TrainConfig, decoder_dir: Path, out: Path, *, resume: bool = True
             held_out = log_evaluation(model, eval_batches, cfg, step, log)
             if held_out < best:
                 best = held_out
-                save_best(out, model, step, decoder_fp, cfg, best)
+                save_at(out / "best", model, step, decoder_fp, cfg, held_out_nll=best)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
-            training = {"config": asdict(cfg), "step": step}
-            save_checkpoint(
-                model, out / f"step-{step}", decoder_fingerprint=decoder_fp, training=training
-            )
+            save_at(out / f"step-{step}", model, step, decoder_fp, cfg)
         if step % cfg.save_every == 0 or step == cfg.steps:
             extra = {"train_seconds_this_session": round(time.time() - started, 1)}
             save_run_state(out, model, opt, step, decoder_fp, cfg, best, extra)
