@@ -99,7 +99,8 @@ def test_a_stream_on_which_latents_help_keeps_them_on(server: str) -> None:
     states = _measure(server, contexts, "prose")
     assert all(s["state"] == "ready" and s["value"]["delta_nats"] < 0 for s in states)
     for context in contexts:
-        assert _complete(server, context, "prose")["status"] == "hit"
+        served = _complete(server, context, "prose")
+        assert served["status"] == "hit", served
 
 
 def test_a_confidently_harmful_context_is_declined(server: str) -> None:
