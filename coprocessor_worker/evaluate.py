@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class EvalConfig:
     mc_items: int = 200  # per multiple-choice set (first N, fixed order)
     n_ood_docs: int = 150  # out-of-domain documents (0: skip the set)
     qa_items: int = 300  # held-out serving-form items, each in the QA and the chat form
+    ood_qa_items: int = 200  # out-of-domain serving-form items, QA form (0: skip the set)
     seed: int = 0
 
 
@@ -470,13 +472,17 @@ def evaluate(
         ood = data.out_of_domain_documents()
         text["out_of_domain"] = text_set(models, tokenizer, ood_cfg, ood, check, policy)
     serving = {}
-    if cfg.qa_items:
-        items = data.qa_items("held_out")
-        order = np.random.default_rng(cfg.seed).permutation(len(items))[: cfg.qa_items]
-        items = [items[i] for i in order]
-        for form in ("qa", "chat"):
-            scores = serving_form(models, tokenizer, items, form, check)
-            serving[form] = summarise(scores, policy, cfg.n_bootstrap)
+    serving_sets: tuple[tuple[str, data.QAForm, Callable[[], list[data.QAItem]], int], ...] = (
+        ("qa", "qa", data.qa_items, cfg.qa_items),  # QA and chat: the same held-out items
+        ("chat", "chat", data.qa_items, cfg.qa_items),
+        ("qa_out_of_domain", "qa", data.out_of_domain_qa_items, cfg.ood_qa_items),
+    )
+    for name, form, read_items, n in serving_sets:
+        if n:
+            items = read_items()
+            order = np.random.default_rng(cfg.seed).permutation(len(items))[:n]
+            scores = serving_form(models, tokenizer, [items[i] for i in order], form, check)
+            serving[name] = summarise(scores, policy, cfg.n_bootstrap)
     result: dict[str, Any] = {
         "config": asdict(cfg),
         "value_check": asdict(check),

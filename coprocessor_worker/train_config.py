@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from coprocessor_worker.data import BUNDLED_SOURCES, EXTRA_SOURCES
+
 if TYPE_CHECKING:
     from coprocessor_worker.model import CoprocessorConfig
 
@@ -80,6 +82,14 @@ class TrainConfig:
     ] = 0.0
     corpus: Annotated[list[str], ".txt/.jsonl files or folders; none: the bundled prose"] = field(
         default_factory=list
+    )
+    sources: Annotated[
+        list[str],
+        "bundled sources to train on (without --corpus); math is another register (problems "
+        "with worked solutions), off by default",
+    ] = field(
+        default_factory=lambda: list(BUNDLED_SOURCES),
+        metadata={"choices": BUNDLED_SOURCES + EXTRA_SOURCES},
     )
     text_field: Annotated[str, "the text field of .jsonl rows"] = "text"
 

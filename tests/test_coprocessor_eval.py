@@ -82,7 +82,14 @@ def test_evaluate_writes_json_markdown_png(tiny_llama: Path, tmp_path: Path) -> 
     models = _models(tiny_llama)
     _, tokenizer = load_decoder(tiny_llama, torch.float32)
     cfg = ev.EvalConfig(
-        n_docs=6, mc_items=3, batch_docs=4, n_bootstrap=50, window=96, n_ood_docs=4, qa_items=4
+        n_docs=6,
+        mc_items=3,
+        batch_docs=4,
+        n_bootstrap=50,
+        window=96,
+        n_ood_docs=4,
+        qa_items=4,
+        ood_qa_items=3,
     )
     result = ev.evaluate(models, tokenizer, cfg, tmp_path, ["arc_easy", "lambada", "hellaswag"])
     saved = json.loads((tmp_path / "result.json").read_text())
@@ -94,9 +101,9 @@ def test_evaluate_writes_json_markdown_png(tiny_llama: Path, tmp_path: Path) -> 
             assert set(entry[table]) == {"none", "pause", "lora"}
             assert set(entry[table]["lora"]) == {"1", "2", "4", "8", "16", "mean"}
         assert 0 <= entry["served_fraction"]["lora"] <= 1
-    for form in ("qa", "chat"):
+    for form, n in (("qa", 4), ("chat", 4), ("qa_out_of_domain", 3)):
         summary = saved["serving"][form]
-        assert summary["n"] == 4 and 0 <= summary["acc_none"] <= 1
+        assert summary["n"] == n and 0 <= summary["acc_none"] <= 1
         assert {"raw", "with_value_check", "served_fraction"} <= set(summary["lora"])
     for task in ("arc_easy", "lambada", "hellaswag"):
         assert set(saved["tasks"][task]) == {"none", "pause", "lora"}
@@ -107,7 +114,7 @@ def test_evaluate_writes_json_markdown_png(tiny_llama: Path, tmp_path: Path) -> 
     assert "| qa | lora |" in md and "| chat | lora |" in md
     assert (tmp_path / "result.png").stat().st_size > 5000
     gate = result["quality_gate"]["lora"]
-    assert set(gate["sets"]) == {"in_domain", "out_of_domain", "qa", "chat"}
+    assert set(gate["sets"]) == {"in_domain", "out_of_domain", "qa", "chat", "qa_out_of_domain"}
     # A random tiny model's latents are far from harmless: its raw gate must fail.
     assert gate["passed"] is False
     # Before the value check has min_contexts figures, no context is served latents.

@@ -111,3 +111,25 @@ def test_gsm8k_items() -> None:
         assert item.answer.rsplit("####", 1)[1].strip().replace(
             ",", ""
         ) == item.short_answer.replace(",", "")
+
+
+def test_math_register_is_opt_in_and_split_by_document() -> None:
+    train = data.bundled_documents("train", ("math",))
+    held = data.bundled_documents("held_out", ("math",))
+    assert len(train) > 3000 and len(held) > 300
+    assert {d.text for d in train}.isdisjoint({d.text for d in held})
+    assert all("$" in d.text or "\\" in d.text for d in train[:50])  # LaTeX: another register
+    with pytest.raises(ValueError, match="math"):
+        data.bundled_documents("train", ("no-such-source",))
+
+
+def test_out_of_domain_qa_items_are_real_and_never_trained_on(bundled) -> None:
+    items = data.out_of_domain_qa_items()
+    assert len(items) > 1000
+    assert {i.answer for i in items} == {"Yes", "No"}
+    assert all(i.choices == ("Yes", "No") and i.label in (0, 1) for i in items)
+    assert all(200 <= len(i.passage) <= 2500 and i.question for i in items)
+    train_texts = [d.text for d in bundled["train"]]
+    train_texts += [d.text for d in data.bundled_documents("train", data.EXTRA_SOURCES)]
+    sample = [i.passage[:80] for i in items[::50]]
+    assert not any(head in text for head in sample for text in train_texts)

@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="held-out passage/question/answer items, each scored in the QA and chat form",
     )
     parser.add_argument(
+        "--ood-qa-items",
+        type=int,
+        default=200,
+        help="out-of-domain items in the QA form (biomedical yes/no questions; 0: skip)",
+    )
+    parser.add_argument(
         "--corpus",
         nargs="+",
         default=None,
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         positions_per_doc=args.positions_per_doc,
         n_ood_docs=args.n_ood_docs,
         qa_items=args.qa_items,
+        ood_qa_items=args.ood_qa_items,
     )
     result = evaluate(models, tokenizer, cfg, args.out, list(args.tasks), docs)
     print((args.out / "result.md").read_text())

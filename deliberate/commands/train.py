@@ -41,7 +41,15 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
                 help=f"{about} (default: {default})",
             )
         elif typing.get_origin(hint) is list:
-            group.add_argument(flag, nargs="+", default=default, metavar="PATH", help=about)
+            choices = f.metadata.get("choices")
+            group.add_argument(
+                flag,
+                nargs="+",
+                default=default,
+                choices=choices,
+                metavar=None if choices else "PATH",
+                help=f"{about} (default: {' '.join(default)})" if default else about,
+            )
         else:
             group.add_argument(
                 flag, type=hint, default=default, help=f"{about} (default: {default!r})"
