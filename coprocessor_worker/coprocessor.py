@@ -116,7 +116,8 @@ class Coprocessor:
         width = max(len(p) for p in points)
         filler = next(p[0] for p in points if p)
         grid = torch.tensor([p + [filler] * (width - len(p)) for p in points], device=ids.device)
-        lat, delta = self.model.latents_and_check(ids, lens, grid, check.tokens)
+        between = check.prompt_ids(self.tokenizer)
+        lat, delta = self.model.latents_and_check(ids, lens, grid, check.tokens, between)
         out = []
         for row, (latents, row_points) in enumerate(zip(lat, points, strict=True)):
             scored = delta[row, : len(row_points), check.skip :].reshape(-1).float().cpu()
@@ -132,12 +133,21 @@ class ValueCheck:
     latents and the answer, so the first tokens after the latents are not what is scored.
     One point by default: it costs half the extra decoder tokens of two (docs/benchmarks.md)
     and predicted the effect at a context's other points no worse than four (issue 11's
-    probe). A checkpoint evaluated with another geometry keeps it (`recorded_for`)."""
+    probe). `prompt`, if set, is text put between each point and its tail in both runs (with
+    and without latents), as a served prompt sits between the latents and the answer. A
+    checkpoint evaluated with another geometry keeps it (`recorded_for`)."""
 
     points: int = 1
     tokens: int = 16
     skip: int = 3
     min_prefix: int = 32
+    prompt: str = ""
+
+    def prompt_ids(self, tokenizer: Any) -> torch.Tensor | None:
+        if not self.prompt:
+            return None
+        ids = tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
 
     @classmethod
     def recorded_for(cls, checkpoint_dir: Path) -> ValueCheck:

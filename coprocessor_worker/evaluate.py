@@ -103,10 +103,11 @@ def per_point_nll(
     cfg: EvalConfig,
     pad_id: int,
     check: ValueCheck | None = None,
+    between: torch.Tensor | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, list[ValueFigure | None]]]:
     """NLL per (document, augmentation point, ahead position): {"none": [D, K, A], name: ...},
     and, with `check`, each model's value-check figure of the context before each point (the
-    worker's check on ids[:p], flattened in document order)."""
+    worker's check on ids[:p], flattened in document order; `between`: its prompt's ids)."""
     from tqdm import tqdm
 
     first = next(iter(models.values()))
@@ -127,24 +128,29 @@ def per_point_nll(
             nll, base = model.packed_nll(ids, pos, cfg.n_ahead, prefix=prefix)
             out[name].append(nll.numpy())
             if check is not None:
-                figures[name] += check_figures(model, ids, prefix, pos, check)
+                figures[name] += check_figures(model, ids, prefix, pos, check, between)
         out["none"].append(base.numpy())
     return {k: np.concatenate(v) for k, v in out.items()}, figures
 
 
 def check_figures(
-    model: CoprocessorModel, ids: torch.Tensor, prefix: tuple, pos: torch.Tensor, check: ValueCheck
+    model: CoprocessorModel,
+    ids: torch.Tensor,
+    prefix: tuple,
+    pos: torch.Tensor,
+    check: ValueCheck,
+    between: torch.Tensor | None = None,
 ) -> list[ValueFigure | None]:
-    """The worker's value check (the maths of `CoprocessorModel.latents_and_check`) of every
-    context ids[b, :pos[b, k]], on a prefix pass already run, in one packed pass."""
+    """The worker's value check (`CoprocessorModel.check_deltas`, as the worker runs it) of
+    every context ids[b, :pos[b, k]], on a prefix pass already run, in one packed pass;
+    `between` is the check's prompt as token ids (`ValueCheck.prompt_ids`)."""
     points = [[check.points_for(int(p)) for p in row] for row in pos]
     flat = [[q for qs in row for q in qs] for row in points]
     width = max((len(f) for f in flat), default=0)
     if width == 0:
         return [None] * pos.numel()
     grid = torch.tensor([f + [1] * (width - len(f)) for f in flat])  # 1: a computable filler
-    nll, plain = model.packed_nll(ids, grid, check.tokens, prefix=prefix)
-    delta = (nll - plain)[:, :, check.skip :]
+    delta = model.check_deltas(prefix, ids, grid, check.tokens, between)[:, :, check.skip :]
     out: list[ValueFigure | None] = []
     for b, row in enumerate(points):
         used = 0
@@ -430,7 +436,7 @@ def text_set(
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = held_out_windows(tokenizer, cfg, docs)
-    nll, figures = per_point_nll(models, windows, cfg, pad, check)
+    nll, figures = per_point_nll(models, windows, cfg, pad, check, check.prompt_ids(tokenizer))
     base = nll["none"]
     guarded = {"none": base.mean(1)}
     served_fraction = {}

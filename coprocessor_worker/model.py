@@ -376,17 +376,65 @@ class CoprocessorModel(nn.Module):
 
     @torch.no_grad()
     def latents_and_check(
-        self, ids: torch.Tensor, lens: torch.Tensor, points: torch.Tensor, n_check: int
+        self,
+        ids: torch.Tensor,
+        lens: torch.Tensor,
+        points: torch.Tensor,
+        n_check: int,
+        between: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Serving latents [B, N_L, H] after each row's ids[b, :lens[b]], and the value check:
-        the NLL change [B, J, n_check] (with latents minus without) of the n_check tokens after
-        each earlier point points[b, j] of the same row. One prefix pass, one coprocessor pass
-        over all 1 + J groups of soft tokens, one decoder pass over the J check groups."""
-        kv, last_hidden = self.prefix_pass(ids)
-        lat = self.latents_at(kv, torch.cat([lens[:, None], points], dim=1))
+        """Serving latents [B, N_L, H] after each row's ids[b, :lens[b]], and the value check
+        (`check_deltas`) at the earlier points [B, J] of the same row. One prefix pass, one
+        coprocessor pass over all 1 + J groups of soft tokens, one decoder pass for the check."""
+        prefix = self.prefix_pass(ids)
+        lat = self.latents_at(prefix[0], torch.cat([lens[:, None], points], dim=1))
+        return lat[:, 0], self._check_deltas(prefix, ids, points, lat[:, 1:], n_check, between)
+
+    @torch.no_grad()
+    def check_deltas(
+        self,
+        prefix: tuple[KV, torch.Tensor],
+        ids: torch.Tensor,
+        points: torch.Tensor,
+        n_check: int,
+        between: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The value check on a prefix pass already run: the NLL change [B, J, n_check] (with
+        latents minus without) of the n_check tokens after each point points[b, j] of ids[b],
+        with the prompt-like token ids `between` [S] after the point in both runs, if given."""
+        lat = self.latents_at(prefix[0], points)
+        return self._check_deltas(prefix, ids, points, lat, n_check, between)
+
+    def _check_deltas(
+        self,
+        prefix: tuple[KV, torch.Tensor],
+        ids: torch.Tensor,
+        points: torch.Tensor,
+        lat: torch.Tensor,
+        n_check: int,
+        between: torch.Tensor | None,
+    ) -> torch.Tensor:
+        kv, last_hidden = prefix
         targets, plain = self._plain_ahead_logits(ids, last_hidden, points, n_check)
-        with_latents = self._logits_after_latents(kv, points, lat[:, 1:], targets)
-        return lat[:, 0], _nll(with_latents, targets) - _nll(plain, targets)
+        if between is None or between.numel() == 0:
+            with_latents = self._logits_after_latents(kv, points, lat, targets)
+            return _nll(with_latents, targets) - _nll(plain, targets)
+        # With a prompt between, the plain run needs its own pass: both run as 2J groups of
+        # one decoder pass, the plain ones right-padded by N_L (causal: the padding is unseen).
+        b, j = points.shape
+        n, s = lat.shape[2], between.numel()
+        tail_in = self.embed(targets[:, :, :-1])
+        prompt = self.embed(between.to(ids.device))[None, None].expand(b, j, s, -1)
+        plain_in = torch.cat([prompt, tail_in], dim=2)
+        with self.autocast():
+            augmented_in = torch.cat([lat.to(plain_in.dtype), plain_in], dim=2)
+        padded = F.pad(plain_in, (0, 0, 0, n))
+        states = self.decode_groups(
+            kv, torch.cat([points, points], dim=1), torch.cat([augmented_in, padded], dim=1)
+        )
+        with_latents = self.logits(states[:, :j, n + s - 1 : n + s - 1 + n_check])
+        without = self.logits(states[:, j:, s - 1 : s - 1 + n_check])
+        return _nll(with_latents, targets) - _nll(without, targets)
 
     def naive_nll(self, ids: torch.Tensor, prefix_lens: torch.Tensor, n_ahead: int) -> torch.Tensor:
         """The reference loop: each (sequence, position) on its own, HF's own causal masking,

@@ -63,6 +63,7 @@ def serving_form(
     from tqdm import tqdm
 
     first = next(iter(models.values()))
+    between = check.prompt_ids(tokenizer)
     out: dict[str, Any] = {
         "none": {"nll": [], "correct": []},
         **{n: {"nll": [], "correct": [], "figure": []} for n in models},
@@ -79,7 +80,7 @@ def serving_form(
             out[name]["nll"].append(nll)
             out[name]["correct"].append(correct)
             context = torch.tensor([[ids.shape[1]]])  # the whole passage is the context
-            out[name]["figure"] += check_figures(model, ids, prefix, context, check)
+            out[name]["figure"] += check_figures(model, ids, prefix, context, check, between)
     return out
 
 

@@ -3,6 +3,7 @@ contract. The real-decoder tests are in test_coprocessor_real.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,43 @@ def test_value_check_matches_separate_passes(tiny_llama: Path, tmp_path: Path) -
     assert figure is not None and figure.tokens == 8
     assert figure.delta == pytest.approx(float(expected.mean()), abs=1e-5)
     assert figure.std_error == pytest.approx(float(expected.std() / 8**0.5), abs=1e-5)
+
+
+def test_value_check_with_a_prompt_between_matches_spliced_forwards(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """With `prompt`, the check scores the tail after the prompt in both runs: with latents,
+    head ++ latents ++ prompt ++ tail; without, head ++ prompt ++ tail. Each must equal a plain
+    forward of the decoder over that spliced sequence (HF's own causal masking)."""
+    from cache_store.fingerprint import decoder_fingerprint
+    from coprocessor_worker.coprocessor import ValueCheck
+
+    model = _model(tiny_llama)
+    with torch.no_grad():
+        model.proj.weight.normal_(0, 5.0)
+    ckpt = _save(model, tmp_path / "ckpt", decoder_fingerprint(tiny_llama))
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
+    check = ValueCheck(points=1, tokens=6, skip=0, min_prefix=4, prompt="\nQuestion: why?")
+    prompt = check.prompt_ids(loaded.tokenizer)
+    assert prompt is not None and prompt.numel() >= 2
+    context = torch.randint(3, 49152, (23,), generator=torch.Generator().manual_seed(2)).tolist()
+    ((_, figure),) = loaded.latents_with_value([context], check)
+    head, tail = torch.tensor(context[:17]), torch.tensor(context[17:])
+    latents = loaded.latents([context[:17]])[0]
+    decoder = loaded.model.decoder
+    with torch.no_grad(), loaded.model.decoder_role():
+
+        def tail_nll(*parts: torch.Tensor) -> torch.Tensor:
+            embeds = torch.cat(parts)[None]
+            logits = decoder(inputs_embeds=embeds).logits[0, -len(tail) - 1 : -1]
+            return torch.nn.functional.cross_entropy(logits.float(), tail, reduction="none")
+
+        embed = loaded.model.embed
+        with_latents = tail_nll(embed(head), latents, embed(prompt), embed(tail))
+        without = tail_nll(embed(head), embed(prompt), embed(tail))
+    expected = with_latents - without
+    assert figure is not None and figure.tokens == 6
+    assert figure.delta == pytest.approx(float(expected.mean()), abs=1e-4)
+    # The prompt changes what is measured: without it the same context gives another figure.
+    ((_, plain_figure),) = loaded.latents_with_value([context], replace(check, prompt=""))
+    assert plain_figure is not None and abs(plain_figure.delta - figure.delta) > 1e-4

@@ -15,6 +15,7 @@ OUT/result.md and OUT/result.png.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from deliberate.commands import add_settings_flags, settings_from_args
@@ -71,6 +72,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="out-of-domain items in the QA form (biomedical yes/no questions; 0: skip)",
     )
     parser.add_argument(
+        "--check-prompt",
+        default="",
+        metavar="TEXT",
+        help="the value check's prompt: text put between each check point and the tail it "
+        "scores, in both runs, as a served prompt sits between latents and answer (default: "
+        "none, the tail right after the latents)",
+    )
+    parser.add_argument(
+        "--check-skip",
+        type=int,
+        default=None,
+        help="tail tokens the value check leaves unscored (default: the check's, 3)",
+    )
+    parser.add_argument(
         "--corpus",
         nargs="+",
         default=None,
@@ -104,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from coprocessor_worker.checkpoint_io import load_model
+    from coprocessor_worker.coprocessor import ValueCheck
     from coprocessor_worker.evaluate import (
         EvalConfig,
         evaluate,
@@ -146,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
         qa_items=args.qa_items,
         ood_qa_items=args.ood_qa_items,
     )
-    result = evaluate(models, tokenizer, cfg, args.out, list(args.tasks), docs)
+    check = ValueCheck(prompt=args.check_prompt)
+    if args.check_skip is not None:
+        check = replace(check, skip=args.check_skip)
+    result = evaluate(models, tokenizer, cfg, args.out, list(args.tasks), docs, check=check)
     print((args.out / "result.md").read_text())
     if args.record:
         for name, path in named:
