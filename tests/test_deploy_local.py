@@ -47,14 +47,24 @@ STUB = textwrap.dedent(
     out.write_text(json.dumps({"argv": args, "pid": os.getpid(), "port": port}))
     if os.environ.get("STUB_IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    drain = float(os.environ.get("STUB_DRAIN", "0"))
+    if drain:  # like `deliberate serve`: finishes the requests in progress, then exits
+        signal.signal(signal.SIGTERM, lambda *a: (time.sleep(drain), sys.exit(0)))
     linger = os.environ.get("STUB_CHILD_LINGER")
     if linger and role == "serve":
         # Like vLLM's engine core: a child in the server's process group that takes a while
         # to exit after SIGTERM, and may outlive its parent.
         import subprocess
+        # On SIGTERM it records whether its parent (the server) was still alive then.
+        record = Path(os.environ["STUB_DIR"]) / "child-sigterm.json"
         child = subprocess.Popen([sys.executable, "-c", (
-            "import signal, sys, time\\n"
-            f"signal.signal(signal.SIGTERM, lambda *a: (time.sleep({linger}), sys.exit(0)))\\n"
+            "import json, os, signal, sys, time\\n"
+            "def on_term(*a):\\n"
+            f"    alive = os.path.exists('/proc/{os.getpid()}') and open("
+            f"'/proc/{os.getpid()}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'\\n"
+            f"    open({str(record)!r}, 'w').write(json.dumps({{'server_alive': alive}}))\\n"
+            f"    time.sleep({linger}); sys.exit(0)\\n"
+            "signal.signal(signal.SIGTERM, on_term)\\n"
             "while True: time.sleep(1)\\n")])
         (Path(os.environ["STUB_DIR"]) / "child.pid").write_text(str(child.pid))
     delay = float(os.environ.get("STUB_READY_DELAY", "0"))
@@ -201,6 +211,23 @@ def test_down_waits_for_the_children_of_a_process(tmp_path, stub):
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "SIGKILL" not in stopped.stdout
     assert not alive(child)
+
+
+def test_down_lets_the_server_drain_before_its_children_are_signalled(tmp_path, stub):
+    # As Kubernetes does, `down` signals the server alone: a signal to its whole process group
+    # would also reach vLLM's engine core, which stops at once and fails the requests the
+    # server is still finishing. The rest of the group is signalled once the server is gone.
+    run_dir = tmp_path / "run"
+    env = {"STUB_DIR": str(tmp_path / "calls"), "STUB_CHILD_LINGER": "1", "STUB_DRAIN": "2"}
+    started = launcher(*up_args(run_dir, stub, "--workers", "1"), env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    child = int((tmp_path / "calls" / "child.pid").read_text())
+    stopped = launcher("down", "--run-dir", str(run_dir), "--grace", "15")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "SIGKILL" not in stopped.stdout
+    assert not alive(child)
+    record = json.loads((tmp_path / "calls" / "child-sigterm.json").read_text())
+    assert record == {"server_alive": False}
 
 
 def test_down_kills_children_that_outlive_the_grace_period(tmp_path, stub):

@@ -15,7 +15,7 @@ Everything lives under the run directory (default runs/local):
   logs/<name>.log     stdout and stderr of each process
   redis/              Redis' working directory (no persistence: --save "" --appendonly no)
 
-Each process runs in its own session, so a signal reaches its children too (vLLM's engine
+Each process runs in its own session, so `down` can find and stop its children (vLLM's engine
 core, for one). Only the standard library is used: run it with any Python 3.11.
 """
 
@@ -109,7 +109,7 @@ def _spawn(run_dir: Path, name: str, argv: list[str], env: dict[str, str]) -> Pr
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            start_new_session=True,  # own process group: signals reach its children
+            start_new_session=True,  # own process group: `down` finds its children by it
             close_fds=True,
         )
     return _write_pid(run_dir, name, process.pid)
@@ -149,22 +149,30 @@ def _reap(pid: int) -> None:
 
 
 def stop_procs(procs: list[Proc], grace: float, out=sys.stdout) -> list[Proc]:
-    """SIGTERM all, wait up to `grace` seconds, SIGKILL what is left.
+    """SIGTERM each process, then the rest of its process group once it is gone; SIGKILL
+    what is left after `grace` seconds.
 
-    A process is stopped when its whole process group is: the server's vLLM engine core
-    outlives the server by a few seconds, and must not be left running (holding memory and
-    threads) after `down` said "stopped". Returns the processes still alive after all that."""
+    Only the process itself gets the first SIGTERM, as Kubernetes does: the server drains its
+    requests in progress on it, and a signal to the whole group would also reach vLLM's engine
+    core, which stops at once and fails those requests. A process is stopped when its whole
+    group is: the engine core outlives the server by a few seconds, and must not be left
+    running (holding memory and threads) after `down` said "stopped". Returns the processes
+    still alive after all that."""
     groups = {proc.name: _group_members(proc) for proc in procs}
     members = [member for group in groups.values() for member in group]
     for proc in procs:
         if _alive(proc):
             print(f"  {proc.name}: SIGTERM (pid {proc.pid})", file=out)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)  # pid == pgid (start_new_session)
+            _signal(proc, signal.SIGTERM)
+    groups_signalled: set[str] = set()
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         for proc in procs:
             _reap(proc.pid)
+            if proc.name not in groups_signalled and not _alive(proc):
+                groups_signalled.add(proc.name)
+                for member in groups[proc.name]:
+                    _signal(member, signal.SIGTERM)
         if not any(_alive(p) for p in members):
             break
         time.sleep(0.1)
