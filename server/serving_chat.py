@@ -3,7 +3,8 @@
 
 Tools are rendered into the chat template, as vLLM does. A named `tool_choice` and
 `"required"` are decoded under a JSON schema (vLLM's structured outputs) and answered as
-`tool_calls`, as vLLM answers them. `"auto"` (the default when tools are given) lets the
+`tool_calls`, whole or streamed as deltas by vLLM's own streaming helpers, as vLLM answers
+them. `"auto"` (the default when tools are given) lets the
 model answer in text or call tools in its own format, which vLLM's tool-call parser for that
 format (`--tool-call-parser`, with `--enable-auto-tool-choice`) turns into `tool_calls`, whole
 or streamed as deltas; without those flags it is refused, as vLLM refuses it."""
@@ -22,6 +23,10 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 )
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.tool_parsers import ToolParser, ToolParserManager
+from vllm.tool_parsers.streaming import (
+    extract_named_tool_call_streaming,
+    extract_required_tool_call_streaming,
+)
 
 from server.errors import ApiError
 from server.generation import Renderer, check_model, serve
@@ -112,12 +117,6 @@ def tool_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
     choice = body.effective_tool_choice()
     if choice in ("none", "auto"):
         return None
-    if body.stream:
-        raise ApiError(
-            400,
-            'tool_choice "required" or a named function is not supported with stream',
-            param="tool_choice",
-        )
     tools = {t.function.name: t.function for t in body.tools or []}
     if isinstance(choice, NamedToolChoice):
         return tools[choice.function.name].parameters or {"type": "object"}
@@ -227,6 +226,49 @@ class StreamedTools:
         return completion.finish_reason
 
 
+@dataclass
+class StreamedForcedTools:
+    """One choice's stream under a named or "required" tool choice: the text, decoded under
+    the tool schema, turned into tool-call deltas by vLLM's own streaming helpers (a named
+    call's text is its arguments; "required" decodes a JSON array of name and parameters)."""
+
+    choice: NamedToolChoice | str
+    tokenizer: Tokenizer
+    text: str = ""
+    name_sent: bool = False
+
+    def delta(self, completion: CompletionOutput) -> dict[str, Any]:
+        previous, self.text = self.text, self.text + completion.text
+        message = None
+        if isinstance(self.choice, NamedToolChoice):
+            if completion.text or not self.name_sent:
+                message, self.name_sent = extract_named_tool_call_streaming(
+                    delta_text=completion.text,
+                    function_name=self.choice.function.name,
+                    function_name_returned=self.name_sent,
+                    tool_call_idx=None,
+                    tool_call_id_type="random",
+                    tokenizer=self.tokenizer,
+                )
+        else:
+            message, self.name_sent = extract_required_tool_call_streaming(
+                previous_text=previous,
+                current_text=self.text,
+                tool_call_idx=None,
+                tool_call_id_type="random",
+            )
+        delta: dict[str, Any] = {"role": "assistant", "content": None}
+        if message is not None and message.tool_calls:
+            delta["tool_calls"] = [c.model_dump(exclude_none=True) for c in message.tool_calls]
+        return delta
+
+    def finish_reason(self, completion: CompletionOutput) -> str | None:
+        # As the whole answer: "required" that stopped by itself ends in "tool_calls".
+        if self.choice == "required" and completion.finish_reason == "stop":
+            return "tool_calls"
+        return completion.finish_reason
+
+
 class ChatRenderer(Renderer):
     object_whole = "chat.completion"
     object_chunk = "chat.completion.chunk"
@@ -235,7 +277,7 @@ class ChatRenderer(Renderer):
     def __init__(self, *args: Any, auto_tools: AutoTools | None = None) -> None:
         super().__init__(*args)
         self.auto_tools = auto_tools
-        self._streams: dict[int, StreamedTools] = {}
+        self._streams: dict[int, StreamedTools | StreamedForcedTools] = {}
 
     def choice(
         self,
@@ -260,13 +302,19 @@ class ChatRenderer(Renderer):
         }
 
     def _delta(self, index: int, completion: Any) -> tuple[dict[str, Any], Any]:
-        if self.auto_tools is None:
+        choice = self.body.effective_tool_choice()
+        if self.auto_tools is None and choice in ("none", "auto"):
             return self._text(completion)
         stream = self._streams.get(index)
         if stream is None:
-            parser = self.auto_tools.new_parser(self.tokenizer)
-            stream = self._streams[index] = StreamedTools(parser, self.auto_tools.request)
+            stream = self._streams[index] = self._new_stream(choice)
         return stream.delta(completion), stream.finish_reason(completion)
+
+    def _new_stream(self, choice: NamedToolChoice | str) -> StreamedTools | StreamedForcedTools:
+        if self.auto_tools is None:
+            return StreamedForcedTools(choice, self.tokenizer)
+        parser = self.auto_tools.new_parser(self.tokenizer)
+        return StreamedTools(parser, self.auto_tools.request)
 
     def _message(self, completion: Any) -> tuple[dict[str, Any], Any]:
         if self.auto_tools is not None:

@@ -343,6 +343,51 @@ async def test_structured_outputs_follow_the_schema(engine_app: httpx.AsyncClien
 
 
 @pytest.mark.slow
+async def test_forced_tool_choices_stream_as_tool_call_deltas(
+    engine_app: httpx.AsyncClient,
+) -> None:
+    """A named function and "required" stream their calls as vLLM streams them: the first
+    delta of a call carries its id and name, later ones only argument text, and the pieces
+    join to what the whole answer holds."""
+    parameters = {
+        "type": "object",
+        "properties": {"year": {"type": "integer"}},
+        "required": ["year"],
+        "additionalProperties": False,
+    }
+    body = {
+        "messages": [{"role": "user", "content": "When did the railway open? 1887."}],
+        "tools": [{"type": "function", "function": {"name": "opened", "parameters": parameters}}],
+        "max_tokens": 60,
+        "temperature": 0,
+    }
+    for choice in ({"type": "function", "function": {"name": "opened"}}, "required"):
+        whole = await engine_app.post("/v1/chat/completions", json={**body, "tool_choice": choice})
+        assert whole.status_code == 200, whole.text
+        expected = whole.json()["choices"][0]
+        chunks = await _stream_chunks(
+            engine_app, {**body, "tool_choice": choice}, "/v1/chat/completions"
+        )
+        calls: dict[int, list[dict[str, Any]]] = {}
+        for chunk in chunks:
+            for delta in chunk["choices"][0]["delta"].get("tool_calls", []):
+                calls.setdefault(delta["index"], []).append(delta)
+        assert 0 in calls, chunks
+        for pieces in calls.values():
+            assert pieces[0]["function"]["name"] == "opened" and pieces[0]["id"]
+            assert all("id" not in d and "name" not in d["function"] for d in pieces[1:])
+        first = json.loads("".join(d["function"]["arguments"] for d in calls[0]))
+        assert isinstance(first["year"], int)
+        message = expected["message"]
+        if "tool_calls" in message:
+            whole_first = json.loads(message["tool_calls"][0]["function"]["arguments"])
+        else:  # "required" cut short by max_tokens (this model repeats the call): the text
+            whole_first = json.JSONDecoder().raw_decode(message["content"], 1)[0]["parameters"]
+        assert first == whole_first
+        assert chunks[-1]["choices"][0]["finish_reason"] == expected["finish_reason"]
+
+
+@pytest.mark.slow
 async def test_prompt_forms_batches_token_ids_and_echo_logprobs(
     engine_app: httpx.AsyncClient, vllm_engine: Any, decoder_parts: DecoderParts
 ) -> None:
@@ -383,21 +428,26 @@ async def test_prompt_forms_batches_token_ids_and_echo_logprobs(
     assert len(only["choices"][0]["logprobs"]["tokens"]) == len(ids)
 
 
+async def _stream_chunks(
+    http: httpx.AsyncClient, body: dict[str, Any], path: str = "/v1/completions"
+) -> list[dict[str, Any]]:
+    out = []
+    async with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    return out
+
+
 @pytest.mark.slow
 async def test_streams_carry_usage_when_asked(engine_app: httpx.AsyncClient) -> None:
-    async def chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
-        out = []
-        async with engine_app.stream("POST", "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            async for line in response.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    out.append(json.loads(line[6:]))
-        return out
-
-    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True}
-    without = await chunks(body)
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+    without = await _stream_chunks(engine_app, body)
     assert all("usage" not in c for c in without)
-    with_usage = await chunks({**body, "stream_options": {"include_usage": True}})
+    with_usage = await _stream_chunks(
+        engine_app, {**body, "stream_options": {"include_usage": True}}
+    )
     last = with_usage[-1]
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
     assert "".join(c["choices"][0]["text"] for c in with_usage[:-1]) == "".join(

@@ -1,0 +1,157 @@
+"""Store faults under load (issue 13, chaos suite): latency injected through a TCP proxy, and
+error replies from Redis itself, while clients keep sending completions.
+
+A real `deliberate serve` (vLLM, --redis-url) and a real `deliberate worker` reach a private
+redis-server through a loopback proxy that can delay every chunk it forwards. The load runs
+in phases of --requests each, one fault per phase:
+
+    clean          no fault
+    delay-Nms      the proxy delays each chunk by N ms, each way (--delays; below and above
+                   the server's 10 ms lookup budget: a lookup is a round trip, two delays)
+    oom            `CONFIG SET maxmemory 1` (noeviction): every write answers OOM
+    readonly       `REPLICAOF` an address nothing listens on: every write answers READONLY
+    clean-again    the faults removed
+
+Per phase: HTTP codes (every answer must be 200), augmentation statuses, latency p50 / p99.
+Exit status 1 if a request was not answered 200 or the server or worker died. Figures:
+docs/reliability.md.
+
+    PYTHONPATH=. python bench/bench_store_faults.py [--requests 100 --delays 2 20 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import redis
+
+from bench.bench_redis_chaos import clients, make_contexts
+from tests.fixtures.processes import ServiceProcess, spawn_worker, start_server
+from tests.fixtures.redis_server import RedisServer, free_port
+
+
+class DelayProxy:
+    """Forwards loopback TCP to `target_port`, delaying each chunk by `delay_s` each way."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.delay_s = 0.0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
+        try:
+            upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(self._pipe(client_r, upstream_w), self._pipe(upstream_r, client_w))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+def set_fault(admin: redis.Redis, proxy: DelayProxy, phase: str, dead_port: int) -> None:
+    """Put Redis and the proxy in the state `phase` names (and undo every other fault)."""
+    delay_ms = float(phase.removeprefix("delay-").removesuffix("ms")) if "delay" in phase else 0
+    proxy.delay_s = delay_ms / 1000
+    admin.config_set("maxmemory", "1" if phase == "oom" else "0")
+    if phase == "readonly":
+        admin.execute_command("REPLICAOF", "127.0.0.1", dead_port)
+    else:
+        admin.execute_command("REPLICAOF", "NO", "ONE")
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    rng = random.Random(args.seed)
+    contexts = make_contexts(rng, args.contexts)
+    work = Path(tempfile.mkdtemp(prefix="store-faults-"))
+    (work / "redis").mkdir()
+    redis_server = RedisServer(work / "redis", extra_args=("--maxmemory-policy", "noeviction"))
+    redis_server.start()
+    admin = redis.Redis(port=redis_server.port)
+    proxy = DelayProxy(redis_server.port)
+    await proxy.start()
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    # The value check off serves every payload, so repeats hit and read payloads too; the
+    # bundled coprocessor then counts as unvalidated, so allow it.
+    value = ("--no-value-check",)
+    worker: ServiceProcess | None = None
+    server: ServiceProcess | None = None
+    phases = ["clean", *(f"delay-{d:g}ms" for d in args.delays), "oom", "readonly", "clean-again"]
+    results: dict[str, object] = {}
+    try:
+        worker = spawn_worker(work, url, "--torch-threads", "1", *value)
+        server, base = await asyncio.to_thread(
+            start_server, work, "--redis-url", url, *value, "--allow-unvalidated-coprocessor"
+        )
+        worker.wait_ready(f"{worker.health_url}/ready", timeout_s=600)  # type: ignore[attr-defined]
+        for phase in phases:
+            set_fault(admin, proxy, phase, free_port())
+            codes, statuses, failures, _, latencies = await clients(base, contexts, args, rng)
+            latencies.sort()
+            results[phase] = {
+                "http_codes": dict(codes),
+                "failures": failures[:5],
+                "statuses": dict(Counter(statuses)),
+                "latency_p50_s": round(latencies[len(latencies) // 2], 3) if latencies else None,
+                "latency_p99_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3)
+                if latencies
+                else None,
+            }
+            print(phase, json.dumps(results[phase]), flush=True)
+        results["server_alive"] = server.process.poll() is None
+        results["worker_alive"] = worker.process.poll() is None
+        return results
+    finally:
+        for process in (server, worker):
+            if process is not None:
+                process.stop()
+        await proxy.stop()
+        redis_server.stop()
+        print(f"logs: {work}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=100, help="requests per phase")
+    parser.add_argument("--contexts", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--delays", type=float, nargs="*", default=[2.0, 20.0, 200.0], help="ms")
+    parser.add_argument("--request-timeout", type=float, default=120.0)
+    parser.add_argument("--seed", type=int, default=17)
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    print(json.dumps(result, indent=1))
+    failed = any(
+        isinstance(r, dict) and set(r.get("http_codes", {})) - {"200"} for r in result.values()
+    )
+    sys.exit(1 if failed or not (result["server_alive"] and result["worker_alive"]) else 0)
+
+
+if __name__ == "__main__":
+    main()
