@@ -6,7 +6,7 @@ The two are timed alternately, several rounds each, and the ratio of medians is 
 so load drift on a shared machine hits both sides alike.
 
     python bench/bench_value_check.py --lengths 128 256 512 1024 --batches 1 4 --rounds 5 \
-        [--points 1]
+        [--points 1] [--prompt $'\\nQuestion: What comes next in the text?\\nAnswer:']
 
 Prints a Markdown table (paste it into docs/benchmarks.md with the command and machine).
 """
@@ -49,12 +49,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--points", type=int, default=ValueCheck.points, help="check points")
+    parser.add_argument("--prompt", default="", help="the check's prompt (ValueCheck.prompt)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = Coprocessor.load(
         bundled_checkpoint_dir(), resolve_decoder(None, Settings().cache_dir), dtype=torch.float32
     )
-    check = ValueCheck(points=args.points)
+    check = ValueCheck(points=args.points, prompt=args.prompt)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} thread(s), compute dtype {model.model.compute_dtype}; check {check}"
