@@ -28,6 +28,8 @@ import json
 import random
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -38,19 +40,27 @@ from tests.fixtures.processes import ServiceProcess, spawn_worker, start_server
 from tests.fixtures.redis_server import RedisServer, free_port
 
 
-class DelayProxy:
-    """Forwards loopback TCP to `target_port`, delaying each chunk by `delay_s` each way."""
+class FaultProxy:
+    """Forwards loopback TCP to `target_port`, delaying each chunk by `delay_s` each way, or
+    holding every chunk while `held` (connections stay open, nothing answers: half-open, as
+    a hung or partitioned Redis looks). Counts connections: opened in all, open at most."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self.delay_s = 0.0
+        self.released = asyncio.Event()
+        self.released.set()
+        self.opened = 0
+        self.open = 0
+        self.max_open = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def stop(self) -> None:
+        self.released.set()
         if self._server is not None:
             self._server.close()
 
@@ -60,13 +70,18 @@ class DelayProxy:
         except OSError:
             client_w.close()
             return
+        self.opened += 1
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
         # Connections still open when the run ends are cancelled: that is their end.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(self._pipe(client_r, upstream_w), self._pipe(upstream_r, client_w))
+        self.open -= 1
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while chunk := await reader.read(65536):
+                await self.released.wait()
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 writer.write(chunk)
@@ -77,15 +92,65 @@ class DelayProxy:
             writer.close()
 
 
-def set_fault(admin: redis.Redis, proxy: DelayProxy, phase: str, dead_port: int) -> None:
-    """Put Redis and the proxy in the state `phase` names (and undo every other fault)."""
-    delay_ms = float(phase.removeprefix("delay-").removesuffix("ms")) if "delay" in phase else 0
-    proxy.delay_s = delay_ms / 1000
-    admin.config_set("maxmemory", "1" if phase == "oom" else "0")
-    if phase == "readonly":
-        admin.execute_command("REPLICAOF", "127.0.0.1", dead_port)
-    else:
-        admin.execute_command("REPLICAOF", "NO", "ONE")
+class RedisFaults:
+    """Error replies from Redis itself, one kind at a time, and back to normal."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.admin = redis.Redis(port=port)
+        self.port = port
+        self.workdir = workdir
+        self._busy: threading.Thread | None = None
+
+    def start(self, kind: str) -> None:
+        if kind == "oom":  # every write: OOM command not allowed when used memory > maxmemory
+            self.admin.config_set("maxmemory", "1")
+        elif kind == "readonly":  # a replica of an address nothing listens on: READONLY
+            self.admin.execute_command("REPLICAOF", "127.0.0.1", free_port())
+        elif kind == "noperm":  # the connection's user may not write: NOPERM
+            self.admin.execute_command("ACL", "SETUSER", "default", "-@write")
+        elif kind == "busy":  # a script that never ends: every other command answers BUSY
+            self.admin.config_set("busy-reply-threshold", "50")
+            self._busy = threading.Thread(target=self._endless_script, daemon=True)
+            self._busy.start()
+            time.sleep(0.2)
+        elif kind == "misconf":  # a failed background save stops writes: MISCONF
+            self.admin.config_set("save", "3600 1")  # writes stop only where saves are due
+            self.admin.config_set("dir", "/proc")  # nothing can be created there
+            self.admin.bgsave()
+            self._wait_bgsave("err")
+
+    def stop(self, kind: str) -> None:
+        if kind == "oom":
+            self.admin.config_set("maxmemory", "0")
+        elif kind == "readonly":
+            self.admin.execute_command("REPLICAOF", "NO", "ONE")
+        elif kind == "noperm":
+            self.admin.execute_command("ACL", "SETUSER", "default", "+@all")
+        elif kind == "busy":
+            self.admin.execute_command("SCRIPT", "KILL")
+            assert self._busy is not None
+            self._busy.join(timeout=10)
+        elif kind == "misconf":
+            self.admin.config_set("dir", str(self.workdir))
+            self.admin.bgsave()  # a save that succeeds lifts the stop
+            self._wait_bgsave("ok")
+            self.admin.config_set("save", "")
+
+    def _endless_script(self) -> None:
+        with contextlib.suppress(redis.ResponseError):  # "killed by user" ends it
+            redis.Redis(port=self.port).eval("while true do end", 0)
+
+    def _wait_bgsave(self, status: str) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = self.admin.info("persistence")
+            if not info["rdb_bgsave_in_progress"] and info["rdb_last_bgsave_status"] == status:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"background save did not end with status {status!r}")
+
+
+REDIS_FAULTS = ("oom", "readonly", "noperm", "busy", "misconf")
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -93,10 +158,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     contexts = make_contexts(rng, args.contexts)
     work = Path(tempfile.mkdtemp(prefix="store-faults-"))
     (work / "redis").mkdir()
-    redis_server = RedisServer(work / "redis", extra_args=("--maxmemory-policy", "noeviction"))
+    redis_server = RedisServer(
+        work / "redis",
+        # CONFIG SET dir (the MISCONF fault) is a protected setting in Redis 7.
+        extra_args=("--maxmemory-policy", "noeviction", "--enable-protected-configs", "yes"),
+    )
     redis_server.start()
-    admin = redis.Redis(port=redis_server.port)
-    proxy = DelayProxy(redis_server.port)
+    faults = RedisFaults(redis_server.port, work / "redis")
+    proxy = FaultProxy(redis_server.port)
     await proxy.start()
     url = f"redis://127.0.0.1:{proxy.port}/0"
     # The value check off serves every payload, so repeats hit and read payloads too; the
@@ -104,7 +173,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     value = ("--no-value-check",)
     worker: ServiceProcess | None = None
     server: ServiceProcess | None = None
-    phases = ["clean", *(f"delay-{d:g}ms" for d in args.delays), "oom", "readonly", "clean-again"]
+    phases = ["clean", *(f"delay-{d:g}ms" for d in args.delays), "hold", *REDIS_FAULTS]
+    phases.append("clean-again")
     results: dict[str, object] = {}
     try:
         worker = spawn_worker(work, url, "--torch-threads", "1", *value)
@@ -113,8 +183,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         )
         worker.wait_ready(f"{worker.health_url}/ready", timeout_s=600)  # type: ignore[attr-defined]
         for phase in phases:
-            set_fault(admin, proxy, phase, free_port())
+            if phase.startswith("delay-"):
+                proxy.delay_s = float(phase.removeprefix("delay-").removesuffix("ms")) / 1000
+            elif phase == "hold":
+                proxy.released.clear()
+            elif phase in REDIS_FAULTS:
+                faults.start(phase)
+            opened = proxy.opened
+            proxy.max_open = proxy.open
             codes, statuses, failures, _, latencies = await clients(base, contexts, args, rng)
+            proxy.delay_s = 0.0
+            proxy.released.set()
+            if phase in REDIS_FAULTS:
+                faults.stop(phase)
             latencies.sort()
             results[phase] = {
                 "http_codes": dict(codes),
@@ -124,6 +205,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "latency_p99_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3)
                 if latencies
                 else None,
+                "connections_opened": proxy.opened - opened,
+                "connections_open_max": proxy.max_open,
             }
             print(phase, json.dumps(results[phase]), flush=True)
         results["server_alive"] = server.process.poll() is None
