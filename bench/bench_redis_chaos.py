@@ -30,7 +30,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.fixtures.processes import ServiceProcess, spawn_worker, start_server
+from tests.fixtures.processes import (
+    ServiceProcess,
+    spawn_worker,
+    start_server,
+    start_server_and_worker,
+)
 from tests.fixtures.redis_server import RedisServer
 
 WORDS = [
@@ -47,6 +52,17 @@ def make_contexts(rng: random.Random, n: int) -> list[str]:
         f"Document {i}. " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 120)))
         for i in range(n)
     ]
+
+
+def start_serving_every_payload(
+    work: Path, redis_url: str
+) -> tuple[ServiceProcess, str, ServiceProcess]:
+    """A server and a worker on `redis_url` with the value check off, so every payload is
+    served and repeats hit and read payloads; the bundled coprocessor then counts as
+    unvalidated, so the server is told to allow it."""
+    return start_server_and_worker(
+        work, redis_url, "--no-value-check", server_flags=("--allow-unvalidated-coprocessor",)
+    )
 
 
 async def chaos(

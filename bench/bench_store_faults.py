@@ -35,8 +35,8 @@ from pathlib import Path
 
 import redis
 
-from bench.bench_redis_chaos import clients, make_contexts
-from tests.fixtures.processes import ServiceProcess, spawn_worker, start_server
+from bench.bench_redis_chaos import clients, make_contexts, start_serving_every_payload
+from tests.fixtures.processes import ServiceProcess
 from tests.fixtures.redis_server import RedisServer, free_port
 
 
@@ -168,20 +168,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     proxy = FaultProxy(redis_server.port)
     await proxy.start()
     url = f"redis://127.0.0.1:{proxy.port}/0"
-    # The value check off serves every payload, so repeats hit and read payloads too; the
-    # bundled coprocessor then counts as unvalidated, so allow it.
-    value = ("--no-value-check",)
     worker: ServiceProcess | None = None
     server: ServiceProcess | None = None
     phases = ["clean", *(f"delay-{d:g}ms" for d in args.delays), "hold", *REDIS_FAULTS]
     phases.append("clean-again")
     results: dict[str, object] = {}
     try:
-        worker = spawn_worker(work, url, "--torch-threads", "1", *value)
-        server, base = await asyncio.to_thread(
-            start_server, work, "--redis-url", url, *value, "--allow-unvalidated-coprocessor"
-        )
-        worker.wait_ready(f"{worker.health_url}/ready", timeout_s=600)  # type: ignore[attr-defined]
+        server, base, worker = await asyncio.to_thread(start_serving_every_payload, work, url)
         for phase in phases:
             if phase.startswith("delay-"):
                 proxy.delay_s = float(phase.removeprefix("delay-").removesuffix("ms")) / 1000
