@@ -144,7 +144,7 @@ def check_figures(
     """The worker's value check (`CoprocessorModel.check_deltas`, as the worker runs it) of
     every context ids[b, :pos[b, k]], on a prefix pass already run, in one packed pass;
     `between` is the check's prompt as token ids (`ValueCheck.prompt_ids`)."""
-    points = [[check.points_for(int(p)) for p in row] for row in pos]
+    points = [[check.points_for(ids[b, :p].tolist()) for p in row] for b, row in enumerate(pos)]
     flat = [[q for qs in row for q in qs] for row in points]
     width = max((len(f) for f in flat), default=0)
     if width == 0:

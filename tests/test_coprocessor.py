@@ -230,11 +230,11 @@ def test_value_check_matches_separate_passes(tiny_llama: Path, tmp_path: Path) -
         model.proj.weight.normal_(0, 5.0)
     ckpt = _save(model, tmp_path / "ckpt", decoder_fingerprint(tiny_llama))
     loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
-    check = ValueCheck(points=2, tokens=6, skip=2, min_prefix=4)
+    check = ValueCheck(points=2, tokens=6, skip=2, min_prefix=4, sample=1.0)
     generator = torch.Generator().manual_seed(1)
     prefixes = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in (23, 9, 5)]
     results = loaded.latents_with_value(prefixes, check)
-    assert [len(check.points_for(len(p))) for p in prefixes] == [2, 0, 0]
+    assert [len(check.points_for(p)) for p in prefixes] == [2, 0, 0]
     assert results[1][1] is None and results[2][1] is None  # too short for a check point
     for (latents, _), single in zip(results, loaded.latents(prefixes), strict=True):
         torch.testing.assert_close(latents, single, atol=1e-5, rtol=1e-5)
@@ -262,7 +262,9 @@ def test_value_check_with_a_prompt_between_matches_spliced_forwards(
         model.proj.weight.normal_(0, 5.0)
     ckpt = _save(model, tmp_path / "ckpt", decoder_fingerprint(tiny_llama))
     loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
-    check = ValueCheck(points=1, tokens=6, skip=0, min_prefix=4, prompt="\nQuestion: why?")
+    check = ValueCheck(
+        points=1, tokens=6, skip=0, min_prefix=4, prompt="\nQuestion: why?", sample=1.0
+    )
     prompt = check.prompt_ids(loaded.tokenizer)
     assert prompt is not None and prompt.numel() >= 2
     context = torch.randint(3, 49152, (23,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -286,3 +288,51 @@ def test_value_check_with_a_prompt_between_matches_spliced_forwards(
     # The prompt changes what is measured: without it the same context gives another figure.
     ((_, plain_figure),) = loaded.latents_with_value([context], replace(check, prompt=""))
     assert plain_figure is not None and abs(plain_figure.delta - figure.delta) > 1e-4
+
+
+def test_value_check_sample_is_a_stable_share_of_contexts(tmp_path: Path) -> None:
+    """The checked sample is picked by a hash of the tokens: the same context always gets the
+    same answer, about `sample` of random contexts are in it, all of them at sample 1."""
+    from cache_store.checkpoint import write_evaluation
+    from coprocessor_worker.coprocessor import ValueCheck
+
+    generator = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(3, 49152, (64,), generator=generator).tolist() for _ in range(400)]
+    half = ValueCheck(sample=0.5)
+    picked = [half.checks(c) for c in contexts]
+    assert picked == [half.checks(list(c)) for c in contexts]
+    assert 0.4 < sum(picked) / len(picked) < 0.6
+    assert [bool(half.points_for(c)) for c in contexts] == picked
+    assert all(ValueCheck(sample=1.0).checks(c) for c in contexts)
+    with pytest.raises(ValueError, match="sample"):
+        ValueCheck(sample=0.0)
+    # An evaluation recorded before sampling existed checked every context: so does its
+    # checkpoint; one with no recorded evaluation gets the default.
+    write_evaluation(tmp_path, {"value_check": {"points": 2, "tokens": 16}}, {"passed": True})
+    assert ValueCheck.recorded_for(tmp_path) == ValueCheck(points=2, sample=1.0)
+    assert ValueCheck.recorded_for(tmp_path / "none").sample == ValueCheck.sample
+
+
+def test_value_check_outside_its_sample_leaves_no_figure(tiny_llama: Path, tmp_path: Path) -> None:
+    """Contexts outside the sample get their latents and no figure, in the same batch as
+    checked ones, whose figures are those of a check of every context."""
+    from cache_store.fingerprint import decoder_fingerprint
+    from coprocessor_worker.coprocessor import ValueCheck
+
+    model = _model(tiny_llama)
+    ckpt = _save(model, tmp_path / "ckpt", decoder_fingerprint(tiny_llama))
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(4)
+    contexts = [torch.randint(3, 49152, (24,), generator=generator).tolist() for _ in range(8)]
+    half = ValueCheck(tokens=6, skip=0, min_prefix=4, sample=0.5)
+    picked = [half.checks(c) for c in contexts]
+    assert any(picked) and not all(picked)  # this seed gives both kinds
+    sampled = loaded.latents_with_value(contexts, half)
+    every = loaded.latents_with_value(contexts, replace(half, sample=1.0))
+    for chosen, (lat, figure), (lat_all, figure_all) in zip(picked, sampled, every, strict=True):
+        torch.testing.assert_close(lat, lat_all)
+        if chosen:
+            assert figure is not None and figure_all is not None
+            assert figure.delta == pytest.approx(figure_all.delta, abs=1e-5)
+        else:
+            assert figure is None and figure_all is not None

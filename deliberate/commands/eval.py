@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tail tokens the value check leaves unscored (default: the check's, 3)",
     )
     parser.add_argument(
+        "--check-sample",
+        type=float,
+        default=None,
+        help="share of contexts the value check measures, the rest served on the running "
+        "estimate alone (default: the check's, 0.5)",
+    )
+    parser.add_argument(
         "--corpus",
         nargs="+",
         default=None,
@@ -165,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     check = ValueCheck(prompt=args.check_prompt)
     if args.check_skip is not None:
         check = replace(check, skip=args.check_skip)
+    if args.check_sample is not None:
+        check = replace(check, sample=args.check_sample)
     result = evaluate(models, tokenizer, cfg, args.out, list(args.tasks), docs, check=check)
     print((args.out / "result.md").read_text())
     if args.record:
