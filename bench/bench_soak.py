@@ -2,8 +2,11 @@
 `deliberate worker` on a private redis-server, under --concurrency clients for --minutes on
 loopback. Resident memory of the server (with its vLLM engine processes) and of the worker
 is sampled after a warm-up round and then after every round; every answer must be 200.
+`--server vllm` soaks `vllm serve` under the same load instead (context and prompt sent as
+one prompt), to tell vLLM's own memory growth from ours.
 
     PYTHONPATH=. python bench/bench_soak.py [--minutes 10 --concurrency 32]
+    PYTHONPATH=. python bench/bench_soak.py --server vllm
 
 Exit status 1 if a request was not answered 200 or a process died. Figures:
 docs/reliability.md.
@@ -51,45 +54,62 @@ def tree_rss_mb(pid: int) -> float:
     return round(total_kb / 1024, 1)
 
 
+def start_servers(
+    which: str, work: Path, redis_url: str, lookup_timeout_s: float | None
+) -> tuple[dict[str, ServiceProcess], str]:
+    """The processes under test (sampled for memory) and the URL the clients load: `vllm
+    serve` alone, or `deliberate serve` and a worker on a private redis-server."""
+    if which == "vllm":
+        from bench.bench_server import start_vllm_serve
+        from deliberate.models import resolve_decoder
+        from deliberate.settings import Settings
+
+        settings = Settings()
+        flags = ["--enforce-eager", "--max-model-len", "2048", "--dtype", settings.compute_dtype()]
+        vllm, base = start_vllm_serve(resolve_decoder(None, settings.cache_dir), flags, work)
+        return {"server": vllm}, base
+    flags = [] if lookup_timeout_s is None else ["--lookup-timeout-seconds", str(lookup_timeout_s)]
+    server, base, worker = start_serving_every_payload(work, redis_url, *flags)
+    return {"server": server, "worker": worker}, base
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
     contexts = make_contexts(rng, args.contexts)
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     (work / "redis").mkdir()
     redis_server = RedisServer(work / "redis")
-    redis_server.start()
-    worker: ServiceProcess | None = None
-    server: ServiceProcess | None = None
+    if args.server == "deliberate":
+        redis_server.start()
+    processes: dict[str, ServiceProcess] = {}
     try:
-        server, base, worker = await asyncio.to_thread(
-            start_serving_every_payload, work, redis_server.url
+        processes, base = await asyncio.to_thread(
+            start_servers, args.server, work, redis_server.url, args.lookup_timeout_seconds
         )
         rounds = argparse.Namespace(**{**vars(args), "requests": args.concurrency * 4})
-        await clients(base, contexts, rounds, rng)  # warm-up: compile, first payloads
-        samples = [(0.0, tree_rss_mb(server.process.pid), tree_rss_mb(worker.process.pid))]
+        one_prompt = args.server == "vllm"
+
+        def rss() -> dict[str, float]:
+            return {name: tree_rss_mb(p.process.pid) for name, p in processes.items()}
+
+        await clients(base, contexts, rounds, rng, one_prompt=one_prompt)  # warm-up
+        samples = [(0.0, rss())]
         codes: Counter[str] = Counter()
         statuses: Counter[str] = Counter()
         failures: list[str] = []
         started = time.monotonic()
         while time.monotonic() - started < args.minutes * 60:
             round_codes, round_statuses, round_failures, _, _ = await clients(
-                base, contexts, rounds, rng
+                base, contexts, rounds, rng, one_prompt=one_prompt
             )
             codes.update(round_codes)
             statuses.update(round_statuses)
             failures += round_failures
-            samples.append(
-                (
-                    round(time.monotonic() - started, 1),
-                    tree_rss_mb(server.process.pid),
-                    tree_rss_mb(worker.process.pid),
-                )
-            )
-            elapsed, server_mb, worker_mb = samples[-1]
-            answered = sum(codes.values())
-            print(f"{elapsed:7.1f} s  rss server {server_mb} MB, worker {worker_mb} MB, "
-                  f"{answered} answered", flush=True)  # fmt: skip
+            samples.append((round(time.monotonic() - started, 1), rss()))
+            print(f"{samples[-1][0]:7.1f} s  rss {samples[-1][1]} MB, "
+                  f"{sum(codes.values())} answered", flush=True)  # fmt: skip
         return {
+            "server": args.server,
             "minutes": args.minutes,
             "concurrency": args.concurrency,
             "requests": sum(codes.values()),
@@ -97,22 +117,35 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "failed": sum(n for c, n in codes.items() if c != "200"),
             "failures": failures[:10],
             "statuses": dict(statuses),
-            "rss_server_mb_start_end": [samples[0][1], samples[-1][1]],
-            "rss_worker_mb_start_end": [samples[0][2], samples[-1][2]],
+            "rss_mb_start_end": {
+                name: [samples[0][1][name], samples[-1][1][name]] for name in processes
+            },
             "rss_samples": samples,
-            "server_alive": server.process.poll() is None,
-            "worker_alive": worker.process.poll() is None,
+            "alive": {name: p.process.poll() is None for name, p in processes.items()},
         }
     finally:
-        for process in (server, worker):
-            if process is not None:
-                process.stop()
+        for process in processes.values():
+            process.stop()
         redis_server.stop()
         print(f"logs: {work}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--server",
+        choices=("deliberate", "vllm"),
+        default="deliberate",
+        help="what to soak: deliberate serve + worker, or vllm serve (context + prompt as one "
+        "prompt) to compare its memory",
+    )
+    parser.add_argument(
+        "--lookup-timeout-seconds",
+        type=float,
+        default=None,
+        help="deliberate serve's store lookup budget (default: its own, 10 ms); a larger one "
+        "keeps hits coming on a loaded machine, to soak the prompt-embeds path",
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--contexts", type=int, default=40)
@@ -122,8 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=1))
-    alive = result["server_alive"] and result["worker_alive"]
-    sys.exit(1 if result["failed"] or not alive else 0)
+    sys.exit(1 if result["failed"] or not all(result["alive"].values()) else 0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
   deliberate eval --coprocessor RUN/best --pause PAUSE_RUN/best --out results/
   deliberate eval --coprocessor CKPT --record      # also write the table and quality gate
-                                                   # into CKPT/deliberate.json
+                                                   # into CKPT/evaluation.json
   deliberate eval --curves RUN1 RUN2 --out plots/  # held-out curves of training runs
 
 Held-out perplexity change at ahead positions 1, 2, 4, 8, 16 on in-domain and out-of-domain
