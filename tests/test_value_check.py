@@ -2,10 +2,12 @@
 coprocessor, in-memory store, in-process worker) over real HTTP.
 
 The texts are picked for what the bundled coprocessor's latents do on them, as the value
-check measured it on these machines in fp32 and bf16 (docs/coprocessor.md): technical
-reference text of the out-of-domain set, where they hurt; held-out prose of the training
-register, where they help; a numeric sequence on which they are confidently harmful for that
-one context. Each stream runs under its own tenant, so each is judged on its own estimate.
+check measured them on these machines (fp32; the checkpoint's recorded geometry: one point,
+half the contexts checked, docs/coprocessor.md): technical reference text of the
+out-of-domain set, where they hurt; held-out prose of the training register, where they help;
+a repeated word sequence on which they are confidently harmful for that one context. Every
+text is in the check's sample (`ValueCheck.checks`), so each gets a figure. Each stream runs
+under its own tenant, so each is judged on its own estimate.
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ pytestmark = pytest.mark.slow
 
 MIN_CONTEXTS = 6
 # Indices into data.out_of_domain_documents() / data.bundled_documents("held_out").
-HARMED = (3, 4, 6, 8, 10, 11)
-HELPED = (0, 1, 4, 8, 9, 11)
+HARMED = (3, 11, 25, 26, 27, 29)
+HELPED = (1, 11, 15, 18, 30, 42)
 # A sequence of 30 random words said three times: the plain decoder copies the third time
-# almost perfectly, and the latents inserted before the copy break it (measured +0.47 nats
-# per token, lower 99.5% bound +0.05).
+# almost perfectly, and the latents inserted before the copy break it (measured +0.97 nats
+# per token, lower 99.5% bound +0.18).
 WORDS = (
     "violet violet apple paper candle harbor violet paper harbor engine mirror cloud candle "
     "stone paper stone river mirror paper candle silver mirror stone paper river silver river "
     "garden engine harbor"
 )
-HARMFUL_CONTEXT = f"{WORDS}. " * 3
+HARMFUL_CONTEXT = f"{WORDS}, " * 3
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,7 @@ def _measure(server: str, contexts: list[str], tenant: str) -> list[dict]:
         first = _complete(server, context, tenant, wait_s=240)
         state = httpx.get(f"{server}/v1/augmentations/{first['key']}").json()
         assert state["state"] in ("ready", "declined"), state
+        assert state["value"] is not None, state  # picked inside the check's sample
         out.append(state)
     return out
 
