@@ -96,7 +96,7 @@ def save_checkpoint(
             "format_version": FORMAT_VERSION,
             "method": model.config.method,
             "decoder_fingerprint": decoder_fingerprint,
-            "n_latents": model.config.n_latents,
+            "n_latents": model.config.n_inserted,  # what the server inserts
             "hidden_size": model.hidden_size,
             "coprocessor": asdict(model.config),
             "training": training or {},

@@ -33,7 +33,8 @@ class Coprocessor:
 
     @property
     def n_latents(self) -> int:
-        return self.model.config.n_latents
+        """Vectors per payload: the latents and, if the checkpoint replays it, the token."""
+        return self.model.config.n_inserted
 
     @property
     def hidden_size(self) -> int:
@@ -89,17 +90,16 @@ class Coprocessor:
 
     @torch.no_grad()
     def latents(self, prefixes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Latents for each prefix, [N_L, hidden] in `dtype`, for positions P..P+N_L-1."""
+        """What goes in after each prefix, [n_latents, hidden] in `dtype`, for positions
+        P..P+n_latents-1."""
         if not prefixes:
             return []
-        if self.method == "pause":
-            self._batch(prefixes)  # the same refusals
-            return [self.model.base.detach().to(self.dtype).cpu().clone() for _ in prefixes]
         ids, lens = self._batch(prefixes)
-        kv, _ = self.model.prefix_pass(ids)
-        lat = self.model.latents_at(kv, lens[:, None])[:, 0]
-        # Callers serialize the latents (safetensors needs host memory): hand back CPU tensors.
-        return [row.to(self.dtype).cpu().contiguous() for row in lat]
+        kv = None if self.method == "pause" else self.model.prefix_pass(ids)[0]
+        lat = self.model.inserted_at(kv, ids, lens[:, None])[:, 0]
+        # Callers serialize the latents (safetensors needs host memory): hand back CPU tensors,
+        # copies (pause latents are the parameter itself).
+        return [row.to(self.dtype, copy=True).cpu().contiguous() for row in lat]
 
     @torch.no_grad()
     def latents_with_value(

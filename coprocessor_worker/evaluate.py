@@ -229,14 +229,16 @@ def checkpoint_gate(result: dict[str, Any], name: str) -> dict[str, Any]:
 def continuation_logprobs(
     model: CoprocessorModel,
     prefix: tuple,
-    p: int,
+    context: list[int],
     conts: list[list[int]],
     use_latents: bool,
     pad_id: int,
 ) -> list[np.ndarray]:
-    """Log-probabilities of each continuation's tokens after a prefix of p tokens, all
-    continuations scored at once as K groups at the same point (with latents or without)."""
+    """Log-probabilities of each continuation's tokens after the context (`prefix` is its
+    prefix pass), all continuations scored at once as K groups at the same point (with
+    latents or without)."""
     kv, last_hidden = prefix
+    p = len(context)
     k, longest = len(conts), max(len(c) for c in conts)
     tgt = torch.full((1, k, longest), pad_id, dtype=torch.long)
     for i, c in enumerate(conts):
@@ -244,7 +246,7 @@ def continuation_logprobs(
     lens = torch.full((1, k), p, dtype=torch.long)
     inputs = model.embed(tgt[:, :, :-1])
     if use_latents:
-        lat = model.latents_at(kv, lens).to(inputs.dtype)
+        lat = model.inserted_at(kv, torch.tensor([context]), lens).to(inputs.dtype)
         states = model.decode_groups(kv, lens, torch.cat([lat, inputs], dim=2))
         logits = model.logits(states[:, :, lat.shape[2] - 1 :])
     else:
@@ -292,7 +294,7 @@ def task_accuracy(
         prefix = first.prefix_pass(torch.tensor([ctx]))
         for m in methods:
             model = first if m == "none" else models[m]
-            scores = continuation_logprobs(model, prefix, len(ctx), conts, m != "none", pad_id)
+            scores = continuation_logprobs(model, prefix, ctx, conts, m != "none", pad_id)
             if task == "lambada":
                 correct[m] += int(scores[0][1].all())
                 continue

@@ -69,6 +69,15 @@ class CoprocessorConfig:
     # Soft tokens and base start as the embeddings of this text's tokens (cycled to N_L);
     # "," harmed the frozen decoder least of 7 starts tried (docs/coprocessor.md).
     init_text: str = ","
+    # After the N_L latents, the context's last token's embedding once more, so the first
+    # token after them is predicted from a real token, as in serving, where a prompt's tokens
+    # follow (Coconut's end-of-thought marker, xRAG). The server inserts N_L + 1 vectors.
+    replay_last_token: bool = False
+
+    @property
+    def n_inserted(self) -> int:
+        """How many vectors go in after the prefix: the latents, and the replayed token."""
+        return self.n_latents + int(self.replay_last_token)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoprocessorConfig:
@@ -253,13 +262,24 @@ class CoprocessorModel(nn.Module):
         states = captured[0] if want_pre_norm else out.last_hidden_state
         return states.reshape(b, k, g, h)
 
-    def latents_at(self, kv: KV, prefix_lens: torch.Tensor) -> torch.Tensor:
-        """Latents [B, K, N_L, H] for K positions per sequence (fp32, in input-embedding space)."""
+    def inserted_at(self, kv: KV, ids: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
+        """What goes in after each prefix ids[b, :prefix_lens[b, k]]: [B, K, n_inserted, H],
+        the latents and, with `replay_last_token`, the prefix's last token's embedding."""
+        lat = self.latents_at(kv, prefix_lens)
+        if not self.config.replay_last_token:
+            return lat
+        last = self.embed(torch.gather(ids, 1, prefix_lens - 1)).float()
+        return torch.cat([lat, last[:, :, None]], dim=2)
+
+    def latents_at(self, kv: KV | None, prefix_lens: torch.Tensor) -> torch.Tensor:
+        """Latents [B, K, N_L, H] for K positions per sequence (fp32, in input-embedding space);
+        pause latents need no cache."""
         b, k = prefix_lens.shape
         n = self.config.n_latents
         base = self.base[None, None].expand(b, k, n, self.hidden_size)
         if self.config.method == "pause":
             return base
+        assert kv is not None, "the coprocessor reads the prefix's cache"
         soft = self.soft_tokens[None, None].expand(b, k, n, self.hidden_size)
         body = self.full_copy.model if self.full_copy is not None else self.decoder.model
         with self.autocast():
@@ -344,7 +364,7 @@ class CoprocessorModel(nn.Module):
         targets, plain = self._plain_ahead_logits(ids, last_hidden, prefix_lens, n_ahead)
         if not latents:
             return targets, plain, None
-        lat = self.latents_at(kv, prefix_lens)  # [B, K, N_L, H]
+        lat = self.inserted_at(kv, ids, prefix_lens)  # [B, K, n_inserted, H]
         return targets, plain, self._logits_after_latents(kv, prefix_lens, lat, targets)
 
     @torch.no_grad()
@@ -364,14 +384,14 @@ class CoprocessorModel(nn.Module):
     def _logits_after_latents(
         self, kv: KV, prefix_lens: torch.Tensor, lat: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """Logits [B, K, A, V] for the targets after each prefix with latents [B, K, N_L, H]
-        between."""
+        """Logits [B, K, A, V] for the targets after each prefix with the inserted vectors
+        [B, K, N, H] between."""
         n = lat.shape[2]
         ahead_in = self.embed(targets[:, :, :-1])  # the ahead tokens fed back, except the last
         with self.autocast():
             embeds = torch.cat([lat.to(ahead_in.dtype), ahead_in], dim=2)
         states = self.decode_groups(kv, prefix_lens, embeds)
-        # The last latent's output predicts ahead token 1; ahead token j's predicts j+1.
+        # The last inserted vector's output predicts ahead token 1; ahead token j's, j+1.
         return self.logits(states[:, :, n - 1 :])
 
     @torch.no_grad()
@@ -383,11 +403,11 @@ class CoprocessorModel(nn.Module):
         n_check: int,
         between: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Serving latents [B, N_L, H] after each row's ids[b, :lens[b]], and the value check
-        (`check_deltas`) at the earlier points [B, J] of the same row. One prefix pass, one
+        """Serving vectors [B, n_inserted, H] after each row's ids[b, :lens[b]], and the value
+        check (`check_deltas`) at the earlier points [B, J] of the same row. One prefix pass, one
         coprocessor pass over all 1 + J groups of soft tokens, one decoder pass for the check."""
         prefix = self.prefix_pass(ids)
-        lat = self.latents_at(prefix[0], torch.cat([lens[:, None], points], dim=1))
+        lat = self.inserted_at(prefix[0], ids, torch.cat([lens[:, None], points], dim=1))
         return lat[:, 0], self._check_deltas(prefix, ids, points, lat[:, 1:], n_check, between)
 
     @torch.no_grad()
@@ -402,7 +422,7 @@ class CoprocessorModel(nn.Module):
         """The value check on a prefix pass already run: the NLL change [B, J, n_check] (with
         latents minus without) of the n_check tokens after each point points[b, j] of ids[b],
         with the prompt-like token ids `between` [S] after the point in both runs, if given."""
-        lat = self.latents_at(prefix[0], points)
+        lat = self.inserted_at(prefix[0], ids, points)
         return self._check_deltas(prefix, ids, points, lat, n_check, between)
 
     def _check_deltas(
@@ -453,14 +473,13 @@ class CoprocessorModel(nn.Module):
                     with torch.no_grad(), self.decoder_role(), self.autocast():
                         return self.decoder.model(input_ids=prefix, use_cache=True).past_key_values
 
-                n = self.config.n_latents
                 if self.config.method == "pause":
                     lat = self.base
                 else:
                     body = (
                         self.full_copy.model if self.full_copy is not None else self.decoder.model
                     )
-                    pos = torch.arange(p, p + n)[None]
+                    pos = torch.arange(p, p + self.config.n_latents)[None]
                     cache = fresh_cache()  # before the hook: this pass runs the same norm
                     captured: list[torch.Tensor] = []
                     hook = None
@@ -482,6 +501,8 @@ class CoprocessorModel(nn.Module):
                     lat = self.proj(s)
                     if self.config.output == "residual":
                         lat = self.base + lat / self.hidden_size
+                if self.config.replay_last_token:
+                    lat = torch.cat([lat, self.embed(prefix[0, -1:]).float()])
                 ahead_in = self.embed(targets[None, :-1])[0]
                 embeds = torch.cat([lat.to(ahead_in.dtype), ahead_in])[None]
                 pos = torch.arange(p, p + embeds.shape[1])[None]
@@ -492,7 +513,7 @@ class CoprocessorModel(nn.Module):
                         past_key_values=fresh_cache(),
                         use_cache=True,
                     )
-                rows.append(_nll(self.logits(o.last_hidden_state[0, n - 1 :]), targets))
+                rows.append(_nll(self.logits(o.last_hidden_state[0, len(lat) - 1 :]), targets))
         return torch.stack(rows).reshape(b, k, n_ahead)
 
 

@@ -39,7 +39,7 @@ def answer_scores(
 ) -> tuple[np.ndarray, bool]:
     """Mean NLL per answer token of the correct answer, and whether the model gets it right."""
     conts = [inputs.prompt + a for a in inputs.answers]
-    scores = continuation_logprobs(model, prefix, len(inputs.context), conts, use_latents, 0)
+    scores = continuation_logprobs(model, prefix, inputs.context, conts, use_latents, 0)
     skip = len(inputs.prompt)
     answer_logp = [s[0][skip:] for s in scores]
     nll = -float(answer_logp[inputs.label].mean())

@@ -36,7 +36,13 @@ from coprocessor_worker.checkpoint_io import (
     read_meta,
     save_checkpoint,
 )
-from coprocessor_worker.model import CoprocessorModel, build_model, load_decoder, torch_dtype
+from coprocessor_worker.model import (
+    CoprocessorConfig,
+    CoprocessorModel,
+    build_model,
+    load_decoder,
+    torch_dtype,
+)
 from coprocessor_worker.train_config import TrainConfig
 
 
@@ -126,10 +132,11 @@ def start_from(
     check_decoder(meta, decoder_dir, checkpoint, actual=decoder_fp)
     state = read_checkpoint_state(checkpoint)
     if meta["method"] == model.config.method:
-        if meta["n_latents"] != model.config.n_latents:
+        trained = CoprocessorConfig.from_dict(meta["coprocessor"]).n_latents
+        if trained != model.config.n_latents:
             raise ValueError(
-                f"{checkpoint} has {meta['n_latents']} latents, this run "
-                f"{model.config.n_latents}: pass --n-latents {meta['n_latents']}"
+                f"{checkpoint} has {trained} latents, this run "
+                f"{model.config.n_latents}: pass --n-latents {trained}"
             )
         load_trainable_state(model, state)
     elif meta["method"] == "pause":

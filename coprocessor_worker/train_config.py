@@ -51,6 +51,11 @@ class TrainConfig:
     init_text: Annotated[
         str, "text whose embedding starts the latents (measured least harmful of 7)"
     ] = ","
+    replay_last_token: Annotated[
+        bool,
+        "after the latents, the context's last token's embedding once more, so the first "
+        "token after them is predicted from a real token, as served before a prompt",
+    ] = False
     init_from: Annotated[
         str,
         "checkpoint to start from: all its trained tensors if of this method, only its latent "
@@ -104,6 +109,7 @@ class TrainConfig:
             output=self.output,
             hidden_source=self.hidden_source,
             init_text=self.init_text,
+            replay_last_token=self.replay_last_token,
         )
 
     @classmethod

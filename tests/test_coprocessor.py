@@ -62,8 +62,10 @@ def _grads(model: CoprocessorModel, loss: torch.Tensor) -> dict[str, torch.Tenso
         {"hidden_source": "pre_norm"},
         {"output": "direct"},
         {"method": "full"},
+        {"replay_last_token": True},
+        {"method": "pause", "replay_last_token": True},
     ],
-    ids=["lora", "pause", "pre_norm", "direct", "full"],
+    ids=["lora", "pause", "pre_norm", "direct", "full", "replay", "pause_replay"],
 )
 def test_packed_loss_and_gradients_equal_naive_loop(tiny_llama: Path, overrides: dict) -> None:
     model = _model(tiny_llama, **overrides)
@@ -129,17 +131,21 @@ def test_no_leakage_between_groups_or_from_the_future(tiny_llama: Path) -> None:
                     assert (after[b, k] - before[b, k]).abs().max() > 0
 
 
-def test_latents_sit_where_prompt_embeds_puts_them(tiny_llama: Path) -> None:
-    """A plain forward over embed(prefix) ++ latents ++ embed(rest), numbered 0.. as vLLM
-    numbers prompt_embeds, predicts the rest exactly as the packed training pass does."""
-    model = _model(tiny_llama)
+@pytest.mark.parametrize("replay", [False, True], ids=["latents", "replay"])
+def test_latents_sit_where_prompt_embeds_puts_them(tiny_llama: Path, replay: bool) -> None:
+    """A plain forward over embed(prefix) ++ inserted vectors ++ embed(rest), numbered 0.. as
+    vLLM numbers prompt_embeds, predicts the rest exactly as the packed training pass does."""
+    model = _model(tiny_llama, replay_last_token=replay)
     ids, prefix_lens = _batch()
     with torch.no_grad():
         packed, _ = model.packed_nll(ids, prefix_lens, N_AHEAD)
         kv, _ = model.prefix_pass(ids)
-        latents = model.latents_at(kv, prefix_lens)
+        latents = model.inserted_at(kv, ids, prefix_lens)
         b, k = 1, 2
         p = int(prefix_lens[b, k])
+        assert latents.shape[2] == 3 + replay
+        if replay:  # the prefix's last token, once more, after the latents
+            torch.testing.assert_close(latents[b, k, -1], model.embed(ids[b, p - 1]))
         rest = ids[b, p : p + N_AHEAD]
         embeds = torch.cat([model.embed(ids[b, :p]), latents[b, k], model.embed(rest[:-1])])
         with model.decoder_role():
@@ -198,6 +204,28 @@ def test_checkpoint_round_trip_and_batched_equals_single(tiny_llama: Path, tmp_p
         kv, _ = model.prefix_pass(torch.tensor([prefixes[0]]))
         direct = model.latents_at(kv, torch.tensor([[7]]))[0, 0]
     torch.testing.assert_close(batched[0], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_a_replaying_checkpoint_serves_its_latents_and_the_last_token(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The manifest's n_latents (what the server inserts and the payload must hold) counts the
+    replayed token; the worker's vectors end with the prefix's last token's embedding."""
+    from cache_store.checkpoint import CheckpointInfo
+    from cache_store.fingerprint import decoder_fingerprint
+
+    model = _model(tiny_llama, replay_last_token=True)
+    ckpt = _save(model, tmp_path / "ckpt", decoder_fingerprint(tiny_llama))
+    assert CheckpointInfo.read(ckpt).n_latents == 4
+    loaded = Coprocessor.load(ckpt, tiny_llama, dtype=torch.float32, compute_dtype=torch.float32)
+    assert loaded.n_latents == 4
+    prefix = [5, 6, 7, 8, 9, 10, 11]
+    vectors = loaded.latents([prefix])[0]
+    with torch.no_grad():
+        kv, _ = model.prefix_pass(torch.tensor([prefix]))
+        latents = model.latents_at(kv, torch.tensor([[len(prefix)]]))[0, 0]
+        last = model.embed(torch.tensor(prefix[-1]))
+    torch.testing.assert_close(vectors, torch.cat([latents, last[None]]), atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_for_another_decoder_is_refused(tiny_llama: Path, tmp_path: Path) -> None:

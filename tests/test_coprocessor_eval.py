@@ -40,13 +40,15 @@ def test_continuation_scores_equal_a_plain_forward(tiny_llama: Path) -> None:
     conts = [[21, 22, 23], [31], [41, 42]]
     prefix = model.prefix_pass(torch.tensor([ctx]))
     for use_latents in (False, True):
-        scores = ev.continuation_logprobs(model, prefix, len(ctx), conts, use_latents, pad_id=0)
+        scores = ev.continuation_logprobs(model, prefix, ctx, conts, use_latents, pad_id=0)
         for cont, score in zip(conts, scores, strict=True):
             with torch.no_grad():
                 parts = [model.embed(torch.tensor(ctx))]
                 if use_latents:
                     kv, _ = prefix
-                    parts.append(model.latents_at(kv, torch.tensor([[len(ctx)]]))[0, 0])
+                    parts.append(
+                        model.inserted_at(kv, torch.tensor([ctx]), torch.tensor([[len(ctx)]]))[0, 0]
+                    )
                 parts.append(model.embed(torch.tensor(cont)))
                 embeds = torch.cat(parts)[None]
                 with model.decoder_role():

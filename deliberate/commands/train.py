@@ -50,6 +50,13 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
                 metavar=None if choices else "PATH",
                 help=f"{about} (default: {' '.join(default)})" if default else about,
             )
+        elif hint is bool:
+            group.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{about} (default: {default})",
+            )
         else:
             group.add_argument(
                 flag, type=hint, default=default, help=f"{about} (default: {default!r})"
