@@ -262,7 +262,9 @@ class CoprocessorModel(nn.Module):
         states = captured[0] if want_pre_norm else out.last_hidden_state
         return states.reshape(b, k, g, h)
 
-    def inserted_at(self, kv: KV, ids: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
+    def inserted_at(
+        self, kv: KV | None, ids: torch.Tensor, prefix_lens: torch.Tensor
+    ) -> torch.Tensor:
         """What goes in after each prefix ids[b, :prefix_lens[b, k]]: [B, K, n_inserted, H],
         the latents and, with `replay_last_token`, the prefix's last token's embedding."""
         lat = self.latents_at(kv, prefix_lens)
