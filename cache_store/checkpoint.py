@@ -2,7 +2,8 @@
 server needs the fingerprints, N_L and the quality gate, never the model.
 
 A checkpoint folder holds safetensors tensors, `deliberate.json` (the manifest: format
-version, method, the fingerprint of the decoder it was trained for, N_L, training config)
+version, method, the fingerprint of the decoder it was trained for, N_L, the coprocessor's
+config with the latents' placement, training config)
 and `evaluation.json` (its recorded held-out evaluation and quality gate). This module owns
 both files' names, the format version and the checks on reading; the worker's loader reads
 manifests through it too, so the server and the worker cannot disagree on what a valid
@@ -31,6 +32,14 @@ NOT_EVALUATED = {"passed": False, "passed_with_value_check": False, "rule": "not
 # baseline's are 3.26-3.65, and the decoder's own embedding rows are at most 7.49. 16 is
 # about 4x the largest latent. A checkpoint for another decoder should record its own.
 DEFAULT_LATENT_NORM_MAX = 16.0
+
+
+# Where the decoder sees a payload's n_latents vectors (`coprocessor.placement` in the
+# manifest; absent in checkpoints older than the option, which insert):
+# "insert" after the context, at positions P..P+n-1; "replace_tail" in place of the
+# embeddings of the context's own last n tokens (the vectors hold those embeddings plus the
+# latents, so the prompt's positions are the plain prompt's).
+PLACEMENTS = ("insert", "replace_tail")
 
 
 class CheckpointMismatch(Exception):
@@ -84,6 +93,18 @@ class CheckpointInfo:
     manifest: dict[str, Any]
     latent_norm_max: float = DEFAULT_LATENT_NORM_MAX
     """Largest L2 norm a served latent may have; payloads with a longer one are rejected."""
+    placement: str = "insert"
+    """Where the vectors go: after the context, or in place of its last n_latents tokens."""
+
+    @property
+    def added_positions(self) -> int:
+        """Positions a hit adds to the plain prompt."""
+        return self.n_latents if self.placement == "insert" else 0
+
+    @property
+    def replaced_tokens(self) -> int:
+        """Context tokens whose embeddings the vectors stand in for (a context must be longer)."""
+        return self.n_latents if self.placement == "replace_tail" else 0
 
     @classmethod
     def read(cls, path: Path) -> CheckpointInfo:
@@ -92,6 +113,9 @@ class CheckpointInfo:
         norm_max = float(manifest.get("latent_norm_max", DEFAULT_LATENT_NORM_MAX))
         if not norm_max > 0:
             raise ValueError(f"{path / MANIFEST}: latent_norm_max must be positive, got {norm_max}")
+        placement = str(manifest.get("coprocessor", {}).get("placement", "insert"))
+        if placement not in PLACEMENTS:
+            raise ValueError(f"{path / MANIFEST}: placement {placement!r}, expected {PLACEMENTS}")
         return cls(
             path=path,
             fingerprint=checkpoint_fingerprint(path),
@@ -104,6 +128,7 @@ class CheckpointInfo:
             gate_rule=str(gate["rule"]),
             manifest=manifest,
             latent_norm_max=norm_max,
+            placement=placement,
         )
 
     def gate(self, value_check: bool) -> bool:

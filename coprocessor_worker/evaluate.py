@@ -247,7 +247,8 @@ def continuation_logprobs(
     inputs = model.embed(tgt[:, :, :-1])
     if use_latents:
         lat = model.inserted_at(kv, torch.tensor([context]), lens).to(inputs.dtype)
-        states = model.decode_groups(kv, lens, torch.cat([lat, inputs], dim=2))
+        start = model.group_start(lens)
+        states = model.decode_groups(kv, start, torch.cat([lat, inputs], dim=2))
         logits = model.logits(states[:, :, lat.shape[2] - 1 :])
     else:
         # The plain decoder predicts a continuation's first token from the context's last one.

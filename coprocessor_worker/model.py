@@ -18,6 +18,11 @@ makes one Adam step move a latent by about the learning rate per component, as i
 `base` (W's gradient is nearly rank one, so an unscaled W would move ~hidden_size x faster).
 Method "pause" is the paper's baseline: latents = base, independent of the prefix.
 
+Placement "replace_tail" (an option; the paper inserts): the latents are added to the input
+embeddings of the prefix's own last N_L tokens instead of going in after it, with `base`
+starting at zero, so step 0 is exactly the plain decoder. Only `inserted_at` (what the
+decoder sees) and `group_start` (where it sits) differ; every pass below uses both.
+
 Packed training (DESIGN §6): for K augmentation positions p_1..p_K of one sequence, one
 no-grad decoder pass gives the cache; the coprocessor runs all K groups of soft tokens in one
 forward and the decoder runs all K groups of [latents_k, ahead tokens] in one forward, group
@@ -73,6 +78,16 @@ class CoprocessorConfig:
     # token after them is predicted from a real token, as in serving, where a prompt's tokens
     # follow (Coconut's end-of-thought marker, xRAG). The server inserts N_L + 1 vectors.
     replay_last_token: bool = False
+    # "insert": the vectors go in after the prefix, at P..P+n-1 (the paper's placement).
+    # "replace_tail": they replace the embeddings of the prefix's own last n tokens, as
+    # embed(token) + latent with the latent zero at step 0, so an untrained coprocessor is
+    # exactly the plain decoder and training can only move it where the loss says it helps
+    # (inserted positions start far above the baseline loss: docs/coprocessor.md).
+    placement: Literal["insert", "replace_tail"] = "insert"
+
+    def __post_init__(self) -> None:
+        if self.placement == "replace_tail" and self.replay_last_token:
+            raise ValueError("replay_last_token needs inserted latents, not replace_tail")
 
     @property
     def n_inserted(self) -> int:
@@ -153,7 +168,9 @@ class CoprocessorModel(nn.Module):
         # "\n" in GPT-2-like vocabularies when no tokenizer picked the initial tokens.
         ids = init_ids if init_ids is not None and len(init_ids) else torch.tensor([198])
         init = embed.detach().float()[ids[torch.arange(config.n_latents) % len(ids)]].clone()
-        self.base = nn.Parameter(init.clone())
+        # Replacing the tail, `base` is an offset to real embeddings: zero means no change.
+        replacing = config.placement == "replace_tail"
+        self.base = nn.Parameter(torch.zeros_like(init) if replacing else init.clone())
         if config.method != "pause":
             self.soft_tokens = nn.Parameter(init.clone())
             self.proj = nn.Linear(hidden, hidden, bias=False)
@@ -265,13 +282,26 @@ class CoprocessorModel(nn.Module):
     def inserted_at(
         self, kv: KV | None, ids: torch.Tensor, prefix_lens: torch.Tensor
     ) -> torch.Tensor:
-        """What goes in after each prefix ids[b, :prefix_lens[b, k]]: [B, K, n_inserted, H],
-        the latents and, with `replay_last_token`, the prefix's last token's embedding."""
+        """The vectors the decoder sees at positions `group_start(prefix_lens)` onwards for
+        each prefix ids[b, :prefix_lens[b, k]]: [B, K, n_inserted, H]. Inserted: the latents
+        and, with `replay_last_token`, the prefix's last token's embedding. Replacing the
+        tail: the prefix's last N_L tokens' embeddings plus the latents."""
         lat = self.latents_at(kv, prefix_lens)
+        if self.config.placement == "replace_tail":
+            tail = prefix_lens[:, :, None] - self.config.n_latents + torch.arange(lat.shape[2])
+            tail_ids = torch.gather(ids, 1, tail.reshape(ids.shape[0], -1)).reshape(tail.shape)
+            return self.embed(tail_ids).float() + lat
         if not self.config.replay_last_token:
             return lat
         last = self.embed(torch.gather(ids, 1, prefix_lens - 1)).float()
         return torch.cat([lat, last[:, :, None]], dim=2)
+
+    def group_start(self, prefix_lens: torch.Tensor) -> torch.Tensor:
+        """Where the vectors of `inserted_at` sit: right after the prefix, or on its tail.
+        The decoder's group then attends to the cache before that position only."""
+        if self.config.placement == "replace_tail":
+            return prefix_lens - self.config.n_latents
+        return prefix_lens
 
     def latents_at(self, kv: KV | None, prefix_lens: torch.Tensor) -> torch.Tensor:
         """Latents [B, K, N_L, H] for K positions per sequence (fp32, in input-embedding space);
@@ -392,7 +422,7 @@ class CoprocessorModel(nn.Module):
         ahead_in = self.embed(targets[:, :, :-1])  # the ahead tokens fed back, except the last
         with self.autocast():
             embeds = torch.cat([lat.to(ahead_in.dtype), ahead_in], dim=2)
-        states = self.decode_groups(kv, prefix_lens, embeds)
+        states = self.decode_groups(kv, self.group_start(prefix_lens), embeds)
         # The last inserted vector's output predicts ahead token 1; ahead token j's, j+1.
         return self.logits(states[:, :, n - 1 :])
 
@@ -451,9 +481,8 @@ class CoprocessorModel(nn.Module):
         with self.autocast():
             augmented_in = torch.cat([lat.to(plain_in.dtype), plain_in], dim=2)
         padded = F.pad(plain_in, (0, 0, 0, n))
-        states = self.decode_groups(
-            kv, torch.cat([points, points], dim=1), torch.cat([augmented_in, padded], dim=1)
-        )
+        starts = torch.cat([self.group_start(points), points], dim=1)
+        states = self.decode_groups(kv, starts, torch.cat([augmented_in, padded], dim=1))
         with_latents = self.logits(states[:, :j, n + s - 1 : n + s - 1 + n_check])
         without = self.logits(states[:, j:, s - 1 : s - 1 + n_check])
         return _nll(with_latents, targets) - _nll(without, targets)
@@ -503,16 +532,20 @@ class CoprocessorModel(nn.Module):
                     lat = self.proj(s)
                     if self.config.output == "residual":
                         lat = self.base + lat / self.hidden_size
+                start = p
                 if self.config.replay_last_token:
                     lat = torch.cat([lat, self.embed(prefix[0, -1:]).float()])
+                if self.config.placement == "replace_tail":
+                    start = p - self.config.n_latents
+                    lat = self.embed(prefix[0, start:]).float() + lat
                 ahead_in = self.embed(targets[None, :-1])[0]
                 embeds = torch.cat([lat.to(ahead_in.dtype), ahead_in])[None]
-                pos = torch.arange(p, p + embeds.shape[1])[None]
+                pos = torch.arange(start, start + embeds.shape[1])[None]
                 with self.decoder_role(), self.autocast():
                     o = self.decoder.model(
                         inputs_embeds=embeds,
                         position_ids=pos,
-                        past_key_values=fresh_cache(),
+                        past_key_values=fresh_cache(prefix[:, :start]),
                         use_cache=True,
                     )
                 rows.append(_nll(self.logits(o.last_hidden_state[0, len(lat) - 1 :]), targets))

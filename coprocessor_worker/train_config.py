@@ -56,6 +56,11 @@ class TrainConfig:
         "after the latents, the context's last token's embedding once more, so the first "
         "token after them is predicted from a real token, as served before a prompt",
     ] = False
+    placement: Annotated[
+        Literal["insert", "replace_tail"],
+        "insert: latents after the context (the paper's); replace_tail: latents added to the "
+        "embeddings of the context's own last N_L tokens, zero at step 0 (= the plain decoder)",
+    ] = "insert"
     init_from: Annotated[
         str,
         "checkpoint to start from: all its trained tensors if of this method, only its latent "
@@ -110,6 +115,7 @@ class TrainConfig:
             hidden_source=self.hidden_source,
             init_text=self.init_text,
             replay_last_token=self.replay_last_token,
+            placement=self.placement,
         )
 
     @classmethod

@@ -62,6 +62,8 @@ class WorkerLimits:
     max_prefix_tokens: int
     """Longest prefix the decoder can take with the latents after it."""
     vocab_size: int
+    min_prefix_tokens: int = 1
+    """Shortest prefix: longer than the tail that latents replace, if they do."""
     block_s: float = 1.0
     stats_interval_s: float = 10.0
     """How often the worker refreshes the store's deliberate_queue_* gauges."""
@@ -126,6 +128,8 @@ def poison_reason(delivery: Delivery, model: LatentModel, limits: WorkerLimits) 
         return f"job is for coprocessor {job.coprocessor_fp}, this worker has {model.fingerprint}"
     if not job.token_ids:
         return "empty prefix"
+    if len(job.token_ids) < limits.min_prefix_tokens:
+        return f"prefix of {len(job.token_ids)} tokens is shorter than {limits.min_prefix_tokens}"
     if len(job.token_ids) > limits.max_prefix_tokens:
         return f"prefix of {len(job.token_ids)} tokens exceeds {limits.max_prefix_tokens}"
     if min(job.token_ids) < 0 or max(job.token_ids) >= limits.vocab_size:

@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from cache_store import AugmentationStore, open_store
+from cache_store.checkpoint import CheckpointInfo
 from cache_store.value import ValuePolicy
 from coprocessor_worker.checkpoints import bundled_checkpoint_dir
 from coprocessor_worker.coprocessor import Coprocessor, ValueCheck
@@ -88,6 +89,7 @@ def make_worker(
         settings.compute_dtype(),
     )
     config = json.loads((model_dir / "config.json").read_text())
+    placed = CheckpointInfo.read(coprocessor_dir(settings))
     limits = WorkerLimits(
         max_jobs=settings.worker_batch_max_jobs,
         max_tokens=settings.worker_batch_max_tokens,
@@ -95,7 +97,8 @@ def make_worker(
             settings.max_model_len or config["max_position_embeddings"],
             config["max_position_embeddings"],
         )
-        - model.n_latents,
+        - placed.added_positions,
+        min_prefix_tokens=placed.replaced_tokens + 1,
         vocab_size=config["vocab_size"],
         block_s=settings.worker_claim_block_seconds,
         dead_consumer_s=settings.worker_dead_consumer_seconds,

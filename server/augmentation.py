@@ -2,10 +2,11 @@
 
 The request path never waits on the store for more than a few milliseconds: a lookup that is
 slow or fails is answered plainly and counted. On a hit the prompt becomes
-`embed(context) ++ latents ++ embed(rest)`, unless the value check declines them (the
-tenant's running estimate does not show them harmless yet, or this context's own figure is
-confidently harmful): then, as on a miss, it stays token ids. Misses queue a job either way,
-so the evidence the value check needs keeps coming in.
+`embed(context) ++ latents ++ embed(rest)` (or, for a checkpoint whose latents replace the
+context's tail, `embed(context[:-N_L]) ++ latents ++ embed(rest)`), unless the value check
+declines them (the tenant's running estimate does not show them harmless yet, or this
+context's own figure is confidently harmful): then, as on a miss, it stays token ids.
+Misses queue a job either way, so the evidence the value check needs keeps coming in.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Plan:
     prompt_tokens: int
     reason: str | None = None
     """Why latents were declined (status declined)."""
+    added_positions: int = 0
+    """Positions the latents add to the plain prompt (none when they replace its tail)."""
 
     def describe(self) -> dict[str, Any]:
         described = {"status": self.status.value, "key": self.key, "n_latents": self.n_latents}
@@ -146,7 +149,7 @@ class Augmenter:
             return plain(AugmentationStatus.NO_CONTEXT)
         if not augment:
             return plain(AugmentationStatus.DISABLED)
-        if len(context_ids) < self.min_context_tokens:
+        if self._too_short(context_ids):
             return plain(AugmentationStatus.TOO_SHORT)
         if not self.use_latents:
             return plain(AugmentationStatus.SKIPPED_UNVALIDATED)
@@ -180,8 +183,10 @@ class Augmenter:
             return plain(AugmentationStatus.DECLINED, job.key, refusal)
         latents = payload.latents.to(self.embeddings.weight.dtype)
 
+        # Inserted after the context, or standing in for its last tokens' embeddings.
+        kept = context_ids[: len(context_ids) - self.coprocessor.replaced_tokens]
         prompt_embeds = torch.cat(
-            [self.embeddings.embed(context_ids), latents, self.embeddings.embed(rest_ids)]
+            [self.embeddings.embed(kept), latents, self.embeddings.embed(rest_ids)]
         )
         return Plan(
             {"prompt_embeds": prompt_embeds},
@@ -189,7 +194,12 @@ class Augmenter:
             job.key,
             self.n_latents,
             len(plain_ids),
+            added_positions=self.coprocessor.added_positions,
         )
+
+    def _too_short(self, context_ids: list[int]) -> bool:
+        """Below the configured minimum, or no longer than the tail the latents replace."""
+        return len(context_ids) < max(self.min_context_tokens, self.coprocessor.replaced_tokens + 1)
 
     async def _bounded(self, call: Any, op: str) -> Any:
         """A store call on the request path: a few milliseconds, or treated as unavailable.
@@ -249,7 +259,7 @@ class Augmenter:
         """Queue a context's augmentation ahead of traffic; returns the job and its outcome
         (an EnqueueOutcome value, or "too-short" for a context requests would not augment)."""
         job = self.job_for(context_ids, tenant)
-        if len(context_ids) < self.min_context_tokens:
+        if self._too_short(context_ids):
             return job, AugmentationStatus.TOO_SHORT.value
         outcome = await self.store.enqueue(job)
         return job, outcome.value

@@ -266,7 +266,7 @@ def _max_tokens(
     chat: bool,
     echo_only: bool,
 ) -> int:
-    prompt_len = plan.prompt_tokens + plan.n_latents
+    prompt_len = plan.prompt_tokens + plan.added_positions
     room = state.max_model_len - prompt_len
     if room < 1:
         raise ApiError(

@@ -29,6 +29,7 @@ def _augmenter(
     gate_passed: bool = False,
     gate_passed_with_value_check: bool = False,
     policy: ValuePolicy | None = None,
+    placement: str = "insert",
 ) -> Augmenter:
     registry = CollectorRegistry()
     info = CheckpointInfo.read(bundled_checkpoint_dir())
@@ -40,6 +41,7 @@ def _augmenter(
             info,
             gate_passed=gate_passed,
             gate_passed_with_value_check=gate_passed_with_value_check,
+            placement=placement,
         ),
         default_tenant="t",
         min_context_tokens=8,
@@ -56,7 +58,9 @@ async def _plan(augmenter: Augmenter, context: list[int] = CONTEXT):
     return await augmenter.plan(context, REST, tenant=None, augment=True, wait_s=0)
 
 
-async def _publish(augmenter: Augmenter, context: list[int], figure: ValueFigure | None) -> str:
+async def _publish(
+    augmenter: Augmenter, context: list[int], figure: ValueFigure | None
+) -> tuple[str, torch.Tensor]:
     """What a worker does: take the job the miss queued, publish latents with their figure."""
     assert (await _plan(augmenter, context)).status is AugmentationStatus.MISS_ENQUEUED
     [delivery] = await augmenter.store.claim_jobs("w", block_s=0.1)
@@ -74,7 +78,7 @@ async def _publish(augmenter: Augmenter, context: list[int], figure: ValueFigure
             value=figure,
         ),
     )
-    return job.key
+    return job.key, latents
 
 
 async def test_the_gate_for_the_configuration_in_use_decides(bundled_decoder: Path) -> None:
@@ -103,7 +107,7 @@ async def test_the_gate_for_the_configuration_in_use_decides(bundled_decoder: Pa
 async def test_latents_follow_the_shared_estimate(bundled_decoder: Path) -> None:
     augmenter = _augmenter(bundled_decoder, gate_passed_with_value_check=True)
     fp = augmenter.coprocessor.fingerprint
-    key = await _publish(augmenter, CONTEXT, ValueFigure(-0.05, 0.05, 26))
+    key, _ = await _publish(augmenter, CONTEXT, ValueFigure(-0.05, 0.05, 26))
     # Published, but no evidence yet: answered plainly, saying why.
     plan = await _plan(augmenter)
     assert plan.status is AugmentationStatus.DECLINED and plan.key == key
@@ -151,3 +155,36 @@ async def test_short_disabled_and_absent_contexts_stay_plain(bundled_decoder: Pa
         assert plan.status is expected
         assert plan.prompt == {"prompt_token_ids": [*context, 9]}
     assert (await augmenter.store.queue_stats()).length == 0
+
+
+async def test_a_hit_places_the_latents_where_the_checkpoint_says(bundled_decoder: Path) -> None:
+    """insert: context ++ latents ++ rest, N_L more positions; replace_tail: the latents stand
+    in for the context's last N_L tokens, so the prompt keeps the plain prompt's positions."""
+    for placement in ("insert", "replace_tail"):
+        augmenter = _augmenter(
+            bundled_decoder,
+            gate_passed=True,
+            policy=ValuePolicy(enabled=False),
+            placement=placement,
+        )
+        _, latents = await _publish(augmenter, CONTEXT, None)
+        plan = await _plan(augmenter)
+        assert plan.status is AugmentationStatus.HIT
+        n = augmenter.n_latents
+        kept = CONTEXT if placement == "insert" else CONTEXT[:-n]
+        embed = augmenter.embeddings.embed
+        expected = torch.cat([embed(kept), latents.to(torch.bfloat16).float(), embed(REST)])
+        torch.testing.assert_close(plan.prompt["prompt_embeds"], expected)
+        assert plan.added_positions == (n if placement == "insert" else 0)
+        assert plan.prompt_tokens == len(CONTEXT) + len(REST)
+
+
+async def test_a_context_no_longer_than_the_replaced_tail_is_too_short(
+    bundled_decoder: Path,
+) -> None:
+    augmenter = _augmenter(bundled_decoder, allow_unvalidated=True, placement="replace_tail")
+    n = augmenter.n_latents  # the minimum of 8 context tokens is not enough at N_L = 8
+    short = await augmenter.plan(CONTEXT[:n], REST, tenant=None, augment=True, wait_s=0)
+    assert short.status is AugmentationStatus.TOO_SHORT
+    longer = await augmenter.plan(CONTEXT[: n + 1], REST, tenant=None, augment=True, wait_s=0)
+    assert longer.status is AugmentationStatus.MISS_ENQUEUED

@@ -44,7 +44,8 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(0, 49152, (2, 24), generator=g)
     # Overlapping groups (p_{k+1} - p_k < N_AHEAD): group k's ahead tokens are in group
     # k+1's cache, the case where a wrong mask would leak.
-    prefix_lens = torch.tensor([[3, 6, 12, 18], [1, 4, 7, 19]])
+    # Every prefix longer than N_L = 3, so replace_tail has a tail to replace.
+    prefix_lens = torch.tensor([[4, 6, 12, 18], [5, 8, 11, 19]])
     return ids, prefix_lens
 
 
@@ -64,8 +65,20 @@ def _grads(model: CoprocessorModel, loss: torch.Tensor) -> dict[str, torch.Tenso
         {"method": "full"},
         {"replay_last_token": True},
         {"method": "pause", "replay_last_token": True},
+        {"placement": "replace_tail"},
+        {"method": "pause", "placement": "replace_tail"},
     ],
-    ids=["lora", "pause", "pre_norm", "direct", "full", "replay", "pause_replay"],
+    ids=[
+        "lora",
+        "pause",
+        "pre_norm",
+        "direct",
+        "full",
+        "replay",
+        "pause_replay",
+        "tail",
+        "pause_tail",
+    ],
 )
 def test_packed_loss_and_gradients_equal_naive_loop(tiny_llama: Path, overrides: dict) -> None:
     model = _model(tiny_llama, **overrides)
@@ -109,8 +122,9 @@ def test_do_no_harm_term_is_the_kl_from_the_plain_next_token_distribution(
     assert any(g.abs().max() > 1e-6 for g in _grads(model, kl.mean()).values())
 
 
-def test_no_leakage_between_groups_or_from_the_future(tiny_llama: Path) -> None:
-    model = _model(tiny_llama)
+@pytest.mark.parametrize("placement", ["insert", "replace_tail"])
+def test_no_leakage_between_groups_or_from_the_future(tiny_llama: Path, placement: str) -> None:
+    model = _model(tiny_llama, placement=placement)
     ids, prefix_lens = _batch()
     with torch.no_grad():
         before, _ = model.packed_nll(ids, prefix_lens, N_AHEAD)
@@ -153,6 +167,47 @@ def test_latents_sit_where_prompt_embeds_puts_them(tiny_llama: Path, replay: boo
         n = latents.shape[2]
         nll = torch.nn.functional.cross_entropy(logits[p + n - 1 :], rest, reduction="none")
     torch.testing.assert_close(nll, packed[b, k], atol=2e-5, rtol=1e-5)
+
+
+def test_replacing_the_tail_sits_where_prompt_embeds_puts_it(tiny_llama: Path) -> None:
+    """replace_tail: a plain forward over embed(prefix[:-N_L]) ++ vectors ++ embed(rest),
+    numbered 0.. as vLLM numbers prompt_embeds, predicts the rest as the packed pass does;
+    the vectors are the tail's embeddings plus the latents."""
+    model = _model(tiny_llama, placement="replace_tail")
+    ids, prefix_lens = _batch()
+    b, k, n = 1, 2, 3
+    p = int(prefix_lens[b, k])
+    with torch.no_grad():
+        packed, _ = model.packed_nll(ids, prefix_lens, N_AHEAD)
+        kv, _ = model.prefix_pass(ids)
+        vectors = model.inserted_at(kv, ids, prefix_lens)[b, k]
+        latents = model.latents_at(kv, prefix_lens)[b, k]
+        torch.testing.assert_close(vectors, model.embed(ids[b, p - n : p]) + latents)
+        rest = ids[b, p : p + N_AHEAD]
+        embeds = torch.cat([model.embed(ids[b, : p - n]), vectors, model.embed(rest[:-1])])
+        with model.decoder_role():
+            logits = model.decoder(inputs_embeds=embeds[None]).logits[0]
+        nll = torch.nn.functional.cross_entropy(logits[p - 1 :], rest, reduction="none")
+    torch.testing.assert_close(nll, packed[b, k], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "pause"])
+def test_an_untrained_tail_replacement_is_the_plain_decoder(tiny_llama: Path, method: str) -> None:
+    """Step 0 of replace_tail does no harm by construction: zero latents, the plain NLL;
+    and it still trains (the gradient reaches the latents' parameters)."""
+    torch.manual_seed(1)
+    decoder, tokenizer = load_decoder(tiny_llama, torch.float32)
+    config = CoprocessorConfig(n_latents=3, lora_rank=4, method=method, placement="replace_tail")
+    model = build_model(decoder, tokenizer, config, torch.float32)
+    ids, prefix_lens = _batch()
+    augmented, plain = model.packed_nll(ids, prefix_lens, N_AHEAD)
+    torch.testing.assert_close(augmented, plain, atol=2e-5, rtol=1e-5)
+    assert any(g.abs().max() > 1e-6 for g in _grads(model, augmented.mean()).values())
+
+
+def test_replace_tail_refuses_a_replayed_token() -> None:
+    with pytest.raises(ValueError, match="replay_last_token"):
+        CoprocessorConfig(placement="replace_tail", replay_last_token=True)
 
 
 def test_group_mask_blocks() -> None:

@@ -45,6 +45,10 @@ def test_poison_jobs_are_named() -> None:
     assert "decoder" in poison_reason(_delivery([1], decoder_fp="e" * 32), model, LIMITS)
     assert "exceeds" in poison_reason(_delivery(list(range(65))), model, LIMITS)
     assert "vocabulary" in poison_reason(_delivery([5, 1000]), model, LIMITS)
+    # Latents that replace a context's last 8 tokens need a longer context.
+    tail = dataclasses.replace(LIMITS, min_prefix_tokens=9)
+    assert "shorter than 9" in poison_reason(_delivery(list(range(8))), model, tail)
+    assert poison_reason(_delivery(list(range(9))), model, tail) is None
 
 
 def test_batches_respect_job_and_padded_token_budgets() -> None:
