@@ -149,7 +149,10 @@ def check_figures(
     width = max((len(f) for f in flat), default=0)
     if width == 0:
         return [None] * pos.numel()
-    grid = torch.tensor([f + [1] * (width - len(f)) for f in flat])  # 1: a computable filler
+    # Rows with fewer points are filled with another row's point: computable in every row
+    # (inside the padded batch, after any tail the latents replace); never read back.
+    filler = next(q for f in flat for q in f)
+    grid = torch.tensor([f + [filler] * (width - len(f)) for f in flat])
     delta = model.check_deltas(prefix, ids, grid, check.tokens, between)[:, :, check.skip :]
     out: list[ValueFigure | None] = []
     for b, row in enumerate(points):

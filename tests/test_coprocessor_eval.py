@@ -16,34 +16,37 @@ from coprocessor_worker.model import CoprocessorConfig, build_model, load_decode
 
 
 def _models(tiny_llama: Path) -> dict:
+    """pause and lora insert their latents; tail is lora replacing the context's tail."""
     torch.manual_seed(2)
     out = {}
-    for method in ("pause", "lora"):
+    for name, method, placement in (
+        ("pause", "pause", "insert"),
+        ("lora", "lora", "insert"),
+        ("tail", "lora", "replace_tail"),
+    ):
         decoder, tokenizer = load_decoder(tiny_llama, torch.float32)
-        model = build_model(
-            decoder,
-            tokenizer,
-            CoprocessorConfig(method=method, n_latents=2, lora_rank=4),
-            torch.float32,
-        )
+        config = CoprocessorConfig(method=method, n_latents=2, lora_rank=4, placement=placement)
+        model = build_model(decoder, tokenizer, config, torch.float32)
         with torch.no_grad():
             for group in model.trainable_parameters().values():
                 for p in group:
                     p.add_(torch.randn_like(p) * 0.1)
-        out[method] = model
+        out[name] = model
     return out
 
 
-def test_continuation_scores_equal_a_plain_forward(tiny_llama: Path) -> None:
-    model = _models(tiny_llama)["lora"]
+@pytest.mark.parametrize("name", ["lora", "tail"])
+def test_continuation_scores_equal_a_plain_forward(tiny_llama: Path, name: str) -> None:
+    model = _models(tiny_llama)[name]
     ctx = [11, 12, 13, 14, 15]
     conts = [[21, 22, 23], [31], [41, 42]]
     prefix = model.prefix_pass(torch.tensor([ctx]))
+    kept = ctx[:-2] if name == "tail" else ctx  # tail: the vectors stand in for the last 2
     for use_latents in (False, True):
         scores = ev.continuation_logprobs(model, prefix, ctx, conts, use_latents, pad_id=0)
         for cont, score in zip(conts, scores, strict=True):
             with torch.no_grad():
-                parts = [model.embed(torch.tensor(ctx))]
+                parts = [model.embed(torch.tensor(kept if use_latents else ctx))]
                 if use_latents:
                     kv, _ = prefix
                     parts.append(
@@ -100,15 +103,15 @@ def test_evaluate_writes_json_markdown_png(tiny_llama: Path, tmp_path: Path) -> 
     assert saved["text"]["out_of_domain"]["n_docs"] == 4
     for entry in saved["text"].values():
         for table in ("perplexity", "perplexity_with_value_check"):
-            assert set(entry[table]) == {"none", "pause", "lora"}
-            assert set(entry[table]["lora"]) == {"1", "2", "4", "8", "16", "mean"}
+            assert set(entry[table]) == {"none", "pause", "lora", "tail"}
+            assert set(entry[table]["tail"]) == {"1", "2", "4", "8", "16", "mean"}
         assert 0 <= entry["served_fraction"]["lora"] <= 1
     for form, n in (("qa", 4), ("chat", 4), ("qa_out_of_domain", 3)):
         summary = saved["serving"][form]
         assert summary["n"] == n and 0 <= summary["acc_none"] <= 1
         assert {"raw", "with_value_check", "served_fraction"} <= set(summary["lora"])
     for task in ("arc_easy", "lambada", "hellaswag"):
-        assert set(saved["tasks"][task]) == {"none", "pause", "lora"}
+        assert set(saved["tasks"][task]) == {"none", "pause", "lora", "tail"}
         assert all(0 <= v["acc"] <= 1 for v in saved["tasks"][task].values())
     assert "acc_norm" in saved["tasks"]["hellaswag"]["none"]
     md = (tmp_path / "result.md").read_text()
