@@ -1,13 +1,14 @@
-"""Equal-step ablation on the QA serving form (session 3): the bundled checkpoint (600 steps),
-+40 steps of prose, +40 steps of prose with 2 QA rows a step (`--qa-rows 2`); the same
-held-out items (the first N of the gate's order), scored in the QA form. Results:
-docs/coprocessor.md (Ablations).
+"""Equal-step ablation on the QA serving form (session 3): the then-bundled checkpoint (600
+steps; now `-insert`), +40 steps of prose, +40 steps of prose with 2 QA rows a step
+(`--qa-rows 2`); the same held-out items (the first N of the gate's order), scored in the QA
+form. Results: docs/coprocessor.md (Ablations).
 
-    deliberate train --out RUN_A --init-from coprocessor_worker/checkpoints/smollm2-135m-instruct \
+    deliberate train --out RUN_A \
+        --init-from coprocessor_worker/checkpoints/smollm2-135m-instruct-insert \
         --steps 40 --warmup 1 --min-lr-ratio 1.0 --eval-every 40 --eval-windows 8
     deliberate train --out RUN_B ...the same... --qa-rows 2
     ln -s RUN_A/last ABL/prose-40; ln -s RUN_B/last ABL/qa-rows-40
-    ln -s coprocessor_worker/checkpoints/smollm2-135m-instruct ABL/start-600
+    ln -s coprocessor_worker/checkpoints/smollm2-135m-instruct-insert ABL/start-600
     PYTHONPATH=. python bench/ablation_qa_rows.py ABL 120
 """
 

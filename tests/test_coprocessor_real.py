@@ -37,7 +37,7 @@ def test_real_latents_batched_equal_single(coprocessor: Coprocessor) -> None:
     tok = coprocessor.tokenizer
     texts = [
         "The committee met on Tuesday to discuss the budget for the new library.",
-        "She opened the door.",
+        "She opened the door and looked out at the rain.",  # longer than the 8 replaced
         "In 1905 Einstein published four papers that changed physics, among them special "
         "relativity and the photoelectric effect, which later won him the Nobel Prize.",
     ]
@@ -53,6 +53,12 @@ def test_real_latents_batched_equal_single(coprocessor: Coprocessor) -> None:
     norms = torch.stack(batched).float().norm(dim=-1)
     embed_norm = coprocessor.model.embed(torch.arange(1000)).float().norm(dim=-1).mean()
     assert (norms < 4 * embed_norm).all()
+
+
+def test_a_prefix_no_longer_than_the_replaced_tail_is_refused(coprocessor: Coprocessor) -> None:
+    assert coprocessor.model.config.placement == "replace_tail"
+    with pytest.raises(ValueError, match="need 9 tokens"):
+        coprocessor.latents([list(range(100, 108))])
 
 
 def test_real_checkpoint_refused_for_another_decoder(tiny_llama: Path) -> None:

@@ -1,13 +1,14 @@
 """The value check end to end: the real `deliberate serve` (real vLLM, the bundled SmolLM2 and
-coprocessor, in-memory store, in-process worker) over real HTTP.
+a bundled coprocessor, in-memory store, in-process worker) over real HTTP.
 
-The texts are picked for what the bundled coprocessor's latents do on them, as the value
-check measured them on these machines (fp32; the checkpoint's recorded geometry: one point,
-half the contexts checked, docs/coprocessor.md): technical reference text of the
-out-of-domain set, where they hurt; held-out prose of the training register, where they help;
-a repeated word sequence on which they are confidently harmful for that one context. Every
-text is in the check's sample (`ValueCheck.checks`), so each gets a figure. Each stream runs
-under its own tenant, so each is judged on its own estimate.
+The texts are picked for what the latents of the bundled checkpoint with the paper's
+placement (`bundled_checkpoint_dir("insert")`, latents inserted after the context) do on
+them, as the value check measured them on these machines (fp32; the checkpoint's recorded
+geometry: one point, half the contexts checked, docs/coprocessor.md): technical reference
+text of the out-of-domain set, where they hurt; held-out prose of the training register, where
+they help; a repeated word sequence on which they are confidently harmful for that one
+context. Every text is in the check's sample (`ValueCheck.checks`), so each gets a figure.
+Each stream runs under its own tenant, so each is judged on its own estimate.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from coprocessor_worker import data
+from coprocessor_worker.checkpoints import bundled_checkpoint_dir
 from tests.fixtures.processes import start_server
 
 pytestmark = pytest.mark.slow
@@ -41,7 +43,9 @@ HARMFUL_CONTEXT = f"{WORDS}, " * 3
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process, base = start_server(
         tmp_path_factory.mktemp("logs"),
-        # Independent of the bundled checkpoint's recorded gate: this is about the check.
+        "--coprocessor",
+        str(bundled_checkpoint_dir("insert")),
+        # Independent of the checkpoint's recorded gate: this is about the check.
         "--allow-unvalidated-coprocessor",
         "--value-min-contexts",
         str(MIN_CONTEXTS),
