@@ -53,7 +53,8 @@ def read_contexts(path: Path) -> Iterator[dict[str, str]]:
 def summarize(results: list[dict[str, str]]) -> Counter[str]:
     """One word per context: new, ready, pending, refused (queue full), failed (recently
     dead-lettered), rejected (the server refused the context itself, e.g. too long) or
-    too-short (below the server's min_context_tokens, so never augmented)."""
+    too-short (below the server's min_context_tokens, or no longer than the tail the
+    checkpoint's latents replace, so never augmented)."""
     words = {
         "enqueued": "new",
         "already_ready": "ready",
@@ -61,7 +62,7 @@ def summarize(results: list[dict[str, str]]) -> Counter[str]:
         "queue_full": "refused",
         "failed": "failed",
         "rejected": "rejected",
-        "too-short": "too-short",  # below the server's min_context_tokens: never augmented
+        "too-short": "too-short",  # never augmented (Augmenter's too-short rule)
     }
     return Counter(words.get(r["outcome"], r["outcome"]) for r in results)
 
