@@ -81,10 +81,9 @@ class Coprocessor:
         never see the padding, and the soft tokens' mask admits only cache positions < P."""
         if any(len(p) == 0 for p in prefixes):
             raise ValueError("an empty prefix has no cache to deliberate on")
-        if self.model.config.placement == "replace_tail":
-            shortest = self.model.config.n_latents + 1
-            if any(len(p) < shortest for p in prefixes):
-                raise ValueError(f"latents that replace a prefix's tail need {shortest} tokens")
+        shortest = self.model.config.replaced_tokens + 1
+        if any(len(p) < shortest for p in prefixes):
+            raise ValueError(f"latents that replace a prefix's tail need {shortest} tokens")
         lens = torch.tensor([len(p) for p in prefixes])
         ids = torch.full((len(prefixes), int(lens.max())), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prefixes):

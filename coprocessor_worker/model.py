@@ -90,6 +90,11 @@ class CoprocessorConfig:
             raise ValueError("replay_last_token needs inserted latents, not replace_tail")
 
     @property
+    def replaced_tokens(self) -> int:
+        """Prefix tokens whose embeddings the vectors stand in for (a prefix must be longer)."""
+        return self.n_latents if self.placement == "replace_tail" else 0
+
+    @property
     def n_inserted(self) -> int:
         """How many vectors go in after the prefix: the latents, and the replayed token."""
         return self.n_latents + int(self.replay_last_token)
@@ -287,8 +292,10 @@ class CoprocessorModel(nn.Module):
         and, with `replay_last_token`, the prefix's last token's embedding. Replacing the
         tail: the prefix's last N_L tokens' embeddings plus the latents."""
         lat = self.latents_at(kv, prefix_lens)
-        if self.config.placement == "replace_tail":
-            tail = prefix_lens[:, :, None] - self.config.n_latents + torch.arange(lat.shape[2])
+        if self.config.replaced_tokens:
+            tail = (
+                prefix_lens[:, :, None] - self.config.replaced_tokens + torch.arange(lat.shape[2])
+            )
             tail_ids = torch.gather(ids, 1, tail.reshape(ids.shape[0], -1)).reshape(tail.shape)
             return self.embed(tail_ids).float() + lat
         if not self.config.replay_last_token:
@@ -299,9 +306,7 @@ class CoprocessorModel(nn.Module):
     def group_start(self, prefix_lens: torch.Tensor) -> torch.Tensor:
         """Where the vectors of `inserted_at` sit: right after the prefix, or on its tail.
         The decoder's group then attends to the cache before that position only."""
-        if self.config.placement == "replace_tail":
-            return prefix_lens - self.config.n_latents
-        return prefix_lens
+        return prefix_lens - self.config.replaced_tokens
 
     def latents_at(self, kv: KV | None, prefix_lens: torch.Tensor) -> torch.Tensor:
         """Latents [B, K, N_L, H] for K positions per sequence (fp32, in input-embedding space);
@@ -535,8 +540,8 @@ class CoprocessorModel(nn.Module):
                 start = p
                 if self.config.replay_last_token:
                     lat = torch.cat([lat, self.embed(prefix[0, -1:]).float()])
-                if self.config.placement == "replace_tail":
-                    start = p - self.config.n_latents
+                if self.config.replaced_tokens:
+                    start = p - self.config.replaced_tokens
                     lat = self.embed(prefix[0, start:]).float() + lat
                 ahead_in = self.embed(targets[None, :-1])[0]
                 embeds = torch.cat([lat.to(ahead_in.dtype), ahead_in])[None]
