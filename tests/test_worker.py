@@ -413,9 +413,11 @@ async def test_sigterm_mid_batch_finishes_or_releases_and_exits_zero(
         summary = re.search(r"stopped: (\{.*\})", log)
         assert summary, log[-2000:]
         outcomes = ast.literal_eval(summary.group(1))
-        # Every claimed job was either finished (published) or handed back, none dropped;
-        # the signal lands before or during the first batch of 3, never after all 6.
-        assert outcomes.get("done", 0) + outcomes.get("released", 0) == len(held), outcomes
+        # The first claim's 3 that do not fit its batch are handed back at once; whether the
+        # signal lands in the first batch or a later one, every job the victim did not finish
+        # goes back (checked below: ready = done, the rest on the stream, then all finished by
+        # the survivor with no extra delivery). Counts are of the whole run, so they are not
+        # compared with `held`: the victim may claim again before the poll above reads it.
         assert outcomes.get("released", 0) >= 3, outcomes
 
         # Nothing lost: each job is ready or back on the stream for others, none in limbo.
