@@ -99,6 +99,11 @@ class CoprocessorConfig:
         """How many vectors go in after the prefix: the latents, and the replayed token."""
         return self.n_latents + int(self.replay_last_token)
 
+    @property
+    def added_positions(self) -> int:
+        """Positions the vectors add to the plain prompt (none when they replace its tail)."""
+        return 0 if self.replaced_tokens else self.n_inserted
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoprocessorConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
@@ -293,9 +298,8 @@ class CoprocessorModel(nn.Module):
         tail: the prefix's last N_L tokens' embeddings plus the latents."""
         lat = self.latents_at(kv, prefix_lens)
         if self.config.replaced_tokens:
-            tail = (
-                prefix_lens[:, :, None] - self.config.replaced_tokens + torch.arange(lat.shape[2])
-            )
+            offsets = torch.arange(lat.shape[2], device=prefix_lens.device)
+            tail = prefix_lens[:, :, None] - self.config.replaced_tokens + offsets
             tail_ids = torch.gather(ids, 1, tail.reshape(ids.shape[0], -1)).reshape(tail.shape)
             return self.embed(tail_ids).float() + lat
         if not self.config.replay_last_token:

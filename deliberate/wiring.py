@@ -15,7 +15,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from cache_store import AugmentationStore, open_store
-from cache_store.checkpoint import CheckpointInfo
 from cache_store.value import ValuePolicy
 from coprocessor_worker.checkpoints import bundled_checkpoint_dir
 from coprocessor_worker.coprocessor import Coprocessor, ValueCheck
@@ -89,7 +88,7 @@ def make_worker(
         settings.compute_dtype(),
     )
     config = json.loads((model_dir / "config.json").read_text())
-    placed = CheckpointInfo.read(coprocessor_dir(settings))
+    placed = model.model.config  # where the vectors go: after the context or on its tail
     limits = WorkerLimits(
         max_jobs=settings.worker_batch_max_jobs,
         max_tokens=settings.worker_batch_max_tokens,
