@@ -42,6 +42,22 @@ DEFAULT_LATENT_NORM_MAX = 16.0
 PLACEMENTS = ("insert", "replace_tail")
 
 
+def replaced_tokens(placement: str, n_vectors: int) -> int:
+    """Context tokens whose embeddings the vectors stand in for."""
+    return n_vectors if placement == "replace_tail" else 0
+
+
+def added_positions(placement: str, n_vectors: int) -> int:
+    """Positions a hit adds to the plain prompt."""
+    return n_vectors - replaced_tokens(placement, n_vectors)
+
+
+def shortest_context(placement: str, n_vectors: int) -> int:
+    """Fewest context tokens the vectors can be computed for and placed on: one, and more
+    than the tail they replace (the coprocessor reads the tokens before it)."""
+    return replaced_tokens(placement, n_vectors) + 1
+
+
 class CheckpointMismatch(Exception):
     """A coprocessor checkpoint trained for another decoder; using it would produce garbage."""
 
@@ -98,13 +114,15 @@ class CheckpointInfo:
 
     @property
     def added_positions(self) -> int:
-        """Positions a hit adds to the plain prompt."""
-        return self.n_latents if self.placement == "insert" else 0
+        return added_positions(self.placement, self.n_latents)
 
     @property
     def replaced_tokens(self) -> int:
-        """Context tokens whose embeddings the vectors stand in for (a context must be longer)."""
-        return self.n_latents if self.placement == "replace_tail" else 0
+        return replaced_tokens(self.placement, self.n_latents)
+
+    @property
+    def shortest_context(self) -> int:
+        return shortest_context(self.placement, self.n_latents)
 
     @classmethod
     def read(cls, path: Path) -> CheckpointInfo:

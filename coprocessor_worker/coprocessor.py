@@ -81,7 +81,7 @@ class Coprocessor:
         never see the padding, and the soft tokens' mask admits only cache positions < P."""
         if any(len(p) == 0 for p in prefixes):
             raise ValueError("an empty prefix has no cache to deliberate on")
-        shortest = self.model.config.replaced_tokens + 1
+        shortest = self.model.config.shortest_context
         if any(len(p) < shortest for p in prefixes):
             raise ValueError(f"latents that replace a prefix's tail need {shortest} tokens")
         lens = torch.tensor([len(p) for p in prefixes])

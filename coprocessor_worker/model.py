@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache_store import checkpoint as placement_rules
 from coprocessor_worker.hardware import auto_dtype
 
 Method = Literal["lora", "full", "pause"]
@@ -90,19 +91,22 @@ class CoprocessorConfig:
             raise ValueError("replay_last_token needs inserted latents, not replace_tail")
 
     @property
-    def replaced_tokens(self) -> int:
-        """Prefix tokens whose embeddings the vectors stand in for (a prefix must be longer)."""
-        return self.n_latents if self.placement == "replace_tail" else 0
-
-    @property
     def n_inserted(self) -> int:
         """How many vectors go in after the prefix: the latents, and the replayed token."""
         return self.n_latents + int(self.replay_last_token)
 
+    # Where the vectors go, by the one rule the server also reads (cache_store/checkpoint.py).
+    @property
+    def replaced_tokens(self) -> int:
+        return placement_rules.replaced_tokens(self.placement, self.n_inserted)
+
     @property
     def added_positions(self) -> int:
-        """Positions the vectors add to the plain prompt (none when they replace its tail)."""
-        return 0 if self.replaced_tokens else self.n_inserted
+        return placement_rules.added_positions(self.placement, self.n_inserted)
+
+    @property
+    def shortest_context(self) -> int:
+        return placement_rules.shortest_context(self.placement, self.n_inserted)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoprocessorConfig:

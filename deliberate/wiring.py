@@ -97,7 +97,7 @@ def make_worker(
             config["max_position_embeddings"],
         )
         - placed.added_positions,
-        min_prefix_tokens=placed.replaced_tokens + 1,
+        min_prefix_tokens=placed.shortest_context,
         vocab_size=config["vocab_size"],
         block_s=settings.worker_claim_block_seconds,
         dead_consumer_s=settings.worker_dead_consumer_seconds,

@@ -199,7 +199,7 @@ class Augmenter:
 
     def _too_short(self, context_ids: list[int]) -> bool:
         """Below the configured minimum, or no longer than the tail the latents replace."""
-        return len(context_ids) < max(self.min_context_tokens, self.coprocessor.replaced_tokens + 1)
+        return len(context_ids) < max(self.min_context_tokens, self.coprocessor.shortest_context)
 
     async def _bounded(self, call: Any, op: str) -> Any:
         """A store call on the request path: a few milliseconds, or treated as unavailable.
