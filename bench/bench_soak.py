@@ -1,7 +1,8 @@
 """Soak (issue 13, chaos suite): a real `deliberate serve` (vLLM, --redis-url) and a real
 `deliberate worker` on a private redis-server, under --concurrency clients for --minutes on
 loopback. Resident memory of the server (with its vLLM engine processes) and of the worker
-is sampled after a warm-up round and then after every round; every answer must be 200.
+is sampled after a warm-up round and then after every round, per process (the API process and
+vLLM's engine process apart); every answer must be 200.
 `--server vllm` soaks `vllm serve` under the same load instead (context and prompt sent as
 one prompt), to tell vLLM's own memory growth from ours.
 
@@ -29,8 +30,10 @@ from tests.fixtures.processes import ServiceProcess
 from tests.fixtures.redis_server import RedisServer
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and all its descendants, in MB (/proc)."""
+def tree_rss_by_process(pid: int) -> dict[str, float]:
+    """Resident memory of `pid` and each of its descendants, in MB, keyed by process name
+    (`/proc/N/comm`, e.g. vLLM's `VLLM::EngineCor`) and pid, so an engine process's growth is
+    told from the API process's."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -40,18 +43,20 @@ def tree_rss_mb(pid: int) -> float:
                 continue
             parent = int(stat[stat.rindex(")") + 2 :].split()[1])
             children.setdefault(parent, []).append(int(entry.name))
-    total_kb, todo = 0, [pid]
+    rss, todo = {}, [pid]
     while todo:
         current = todo.pop()
         todo += children.get(current, [])
         try:
+            name = Path(f"/proc/{current}/comm").read_text().strip()
             status = Path(f"/proc/{current}/status").read_text()
         except OSError:
             continue
-        total_kb += next(
+        kb = next(
             (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0
         )
-    return round(total_kb / 1024, 1)
+        rss[f"{name}:{current}"] = round(kb / 1024, 1)
+    return rss
 
 
 def start_servers(
@@ -89,8 +94,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         rounds = argparse.Namespace(**{**vars(args), "requests": args.concurrency * 4})
         one_prompt = args.server == "vllm"
 
-        def rss() -> dict[str, float]:
-            return {name: tree_rss_mb(p.process.pid) for name, p in processes.items()}
+        def rss() -> dict[str, dict[str, float]]:
+            return {name: tree_rss_by_process(p.process.pid) for name, p in processes.items()}
+
+        def total(sample: dict[str, float]) -> float:
+            return round(sum(sample.values()), 1)
 
         await clients(base, contexts, rounds, rng, one_prompt=one_prompt)  # warm-up
         samples = [(0.0, rss())]
@@ -106,7 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             statuses.update(round_statuses)
             failures += round_failures
             samples.append((round(time.monotonic() - started, 1), rss()))
-            print(f"{samples[-1][0]:7.1f} s  rss {samples[-1][1]} MB, "
+            print(f"{samples[-1][0]:7.1f} s  rss MB {samples[-1][1]}, "
                   f"{sum(codes.values())} answered", flush=True)  # fmt: skip
         return {
             "server": args.server,
@@ -118,7 +126,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "failures": failures[:10],
             "statuses": dict(statuses),
             "rss_mb_start_end": {
-                name: [samples[0][1][name], samples[-1][1][name]] for name in processes
+                name: [total(samples[0][1][name]), total(samples[-1][1][name])]
+                for name in processes
+            },
+            "rss_mb_start_end_per_process": {
+                name: {
+                    proc: [samples[0][1][name].get(proc), samples[-1][1][name].get(proc)]
+                    for proc in samples[0][1][name] | samples[-1][1][name]
+                }
+                for name in processes
             },
             "rss_samples": samples,
             "alive": {name: p.process.poll() is None for name, p in processes.items()},
