@@ -205,10 +205,10 @@ def resume_run(
     return step, best
 
 
-def save_at(folder: Path, model, step: int, decoder_fp: str, cfg: TrainConfig, **extra) -> None:
-    """A checkpoint of the run at `step` (best/, step-N/), its config and step recorded."""
+def save_at(folder: Path, model, step: int, decoder_fp: str, cfg: TrainConfig, **extra) -> Path:
+    """A checkpoint of the run at `step` (best/, step-N/, last/), its config and step recorded."""
     training = {"config": asdict(cfg), "step": step, **extra}
-    save_checkpoint(model, folder, decoder_fingerprint=decoder_fp, training=training)
+    return save_checkpoint(model, folder, decoder_fingerprint=decoder_fp, training=training)
 
 
 def save_run_state(
@@ -221,14 +221,10 @@ def save_run_state(
     best: float,
     extra: dict[str, Any],
 ) -> None:
+    """Everything a resumed run needs in `out/last`: checkpoint, optimizer state, step."""
     from safetensors.torch import save_file
 
-    target = save_checkpoint(
-        model,
-        out / "last",
-        decoder_fingerprint=decoder_fp,
-        training={"config": asdict(cfg), "step": step, **extra},
-    )
+    target = save_at(out / "last", model, step, decoder_fp, cfg, **extra)
     save_file(_optimizer_tensors(opt), str(target / "optimizer.safetensors"))
     (target / "trainer_state.json").write_text(json.dumps({"step": step, "best": best}))
 
