@@ -26,26 +26,17 @@ import torch
 
 from coprocessor_worker import data
 from coprocessor_worker.checkpoint_io import load_model
-from coprocessor_worker.evaluate import continuation_logprobs
 from coprocessor_worker.model import torch_dtype
 from coprocessor_worker.serving_eval import answer_scores
 
 
-def yes_no_prediction(model, prefix, inputs: data.QAInputs, use_latents: bool) -> tuple[int, bool]:
-    """(index of the higher-likelihood choice, whether it is the label) of a two-choice item;
-    choice 0 is "yes" in both yes/no sets."""
-    conts = [inputs.prompt + a for a in inputs.answers]
-    scores = continuation_logprobs(model, prefix, inputs.context, conts, use_latents, 0)
-    skip = len(inputs.prompt)
-    choice = int(np.argmax([s[0][skip:].sum() for s in scores]))
-    return choice, choice == inputs.label
-
-
 def yes_no_figures(cell: dict[str, int]) -> dict[str, float]:
-    """The share of "yes" answers, and the mean of the accuracies on "yes" and on "no" items:
-    0.5 for any answer that ignores the item, whatever its bias."""
+    """The share of "yes" answers (choice 0 in both yes/no sets: right on a "yes" item, wrong
+    on a "no" one), and the mean of the accuracies on "yes" and on "no" items: 0.5 for any
+    answer that ignores the item, whatever its bias."""
+    yes = cell["right_0"] + cell["n_1"] - cell["right_1"]
     return {
-        "yes_rate": cell["yes"] / cell["n"],
+        "yes_rate": yes / cell["n"],
         "balanced_acc": (cell["right_0"] / cell["n_0"] + cell["right_1"] / cell["n_1"]) / 2,
     }
 
@@ -73,10 +64,8 @@ def main() -> None:
         "qa": (data.qa_items, args.items),
         "qa_out_of_domain": (data.out_of_domain_qa_items, args.ood_items),
     }
-    # counts[set][source][model] = {"n", "right", "yes", "n_<label>", "right_<label>"};
-    # "yes": the first choice answered
+    # counts[set][source][model] = {"n", "right", "n_<label>", "right_<label>"}
     counts: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(int))))
-    labels: dict = defaultdict(lambda: defaultdict(int))  # (set, source) -> label -> items
     yes_no: set[tuple[str, str]] = set()  # the (set, source) pairs with two choices
     with torch.no_grad():
         for set_name, (read, n) in sets.items():
@@ -85,25 +74,19 @@ def main() -> None:
                 item = items[i]
                 inputs = data.qa_inputs(tokenizer, item, "qa")
                 prefix = first.prefix_pass(torch.tensor([inputs.context]))
-                labels[set_name, item.source][inputs.label] += 1
                 if len(inputs.answers) == 2:
                     yes_no.add((set_name, item.source))
                 for name, model in {"none": first, **models}.items():
+                    right = answer_scores(model, prefix, inputs, name != "none")[1]
                     cell = counts[set_name][item.source][name]
-                    cell["n"] += 1
-                    cell[f"n_{inputs.label}"] += 1
-                    if len(inputs.answers) == 2:
-                        choice, right = yes_no_prediction(model, prefix, inputs, name != "none")
-                        cell["yes"] += choice == 0
-                    else:
-                        right = answer_scores(model, prefix, inputs, name != "none")[1]
-                    cell["right"] += right
-                    cell[f"right_{inputs.label}"] += right
+                    for key in ("", f"_{inputs.label}"):
+                        cell["n" + key] += 1
+                        cell["right" + key] += right
     result = {
         set_name: {
             source: {
-                "n": by_model["none"]["n"],
-                "majority_rate": max(labels[set_name, source].values()) / by_model["none"]["n"],
+                "n": (plain := by_model["none"])["n"],
+                "majority_rate": max(plain["n_0"], plain["n_1"]) / plain["n"],
                 **{
                     name: {"acc": c["right"] / c["n"], "right": c["right"]}
                     | (yes_no_figures(c) if (set_name, source) in yes_no else {})
