@@ -210,8 +210,7 @@ async def main() -> None:
             f"model {model_dir.name} ({dtype}); {args.max_tokens} new tokens; "
             f"eager={args.enforce_eager}"
         )
-        print("\n| concurrency | server | req/s | tok/s | TTFT p50 (s) | TTFT p90 (s) |")
-        print("|---|---|---|---|---|---|")
+        print_load_header("server")
         arms = {name: (base, plain) for name, base in servers.items()}
         for concurrency in args.concurrency:
             await load_rows(arms, concurrency, args)
@@ -227,29 +226,44 @@ async def main() -> None:
         vllm.stop()
 
 
+def print_load_header(arm: str) -> None:
+    """The header of `load_rows`' Markdown table, its first column named `arm`."""
+    print(
+        f"\n| concurrency | {arm} | req/s | tok/s | TTFT p50 (s) | TTFT p90 (s) | "
+        "TTFT p50 of the rounds (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+
+
 async def load_rows(
     arms: dict[str, tuple[str, list[dict]]], concurrency: int, args: argparse.Namespace
 ) -> None:
-    """Alternating rounds of `load` per arm (server URL, request bodies) at one concurrency:
-    a Markdown row of medians per arm, then each arm's ratios to the first arm."""
+    """Rounds of `load` per arm (server URL, request bodies) at one concurrency, the arms'
+    order rotated each round so that no arm always follows the same one: a Markdown row of
+    medians per arm, then each arm's ratios to the first arm."""
     runs: dict[str, list[dict]] = {name: [] for name in arms}
-    for _ in range(args.rounds):
-        for name, (base, bodies) in arms.items():
+    names = list(arms)
+    for round_ in range(args.rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            base, bodies = arms[name]
             count = max(args.requests, 2 * concurrency)
             runs[name].append(await load(base, "m", concurrency, count, bodies))
     med = {
         name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
     }
     for name, m in med.items():
+        spread = sorted(r["ttft_p50"] for r in runs[name])  # the rounds' noise, beside the median
         print(
             f"| {concurrency} | {name} | {m['req_s']:.2f} | {m['tok_s']:.1f} | "
-            f"{m['ttft_p50']:.3f} | {m['ttft_p90']:.3f} |"
+            f"{m['ttft_p50']:.3f} | {m['ttft_p90']:.3f} | {spread[0]:.3f}-{spread[-1]:.3f} |"
         )
     first, *others = med
     for name in others:
         ratio_tok = med[name]["tok_s"] / med[first]["tok_s"]
         ratio_ttft = med[name]["ttft_p50"] / med[first]["ttft_p50"]
-        print(f"| {concurrency} | ratio {name}/{first} | | {ratio_tok:.3f} | {ratio_ttft:.3f} | |")
+        print(
+            f"| {concurrency} | ratio {name}/{first} | | {ratio_tok:.3f} | {ratio_ttft:.3f} | | |"
+        )
 
 
 async def hit_load(servers: dict[str, str], sampling: dict, args: argparse.Namespace) -> None:
@@ -274,8 +288,7 @@ async def hit_load(servers: dict[str, str], sampling: dict, args: argparse.Names
         f"\n100% hit rate: {len(contexts)} contexts of {args.hit_load_tokens} tokens x "
         f"{len(CONTEXT_PROMPTS)} prompts, {args.max_tokens} new tokens"
     )
-    print("\n| concurrency | arm | req/s | tok/s | TTFT p50 (s) | TTFT p90 (s) |")
-    print("|---|---|---|---|---|---|")
+    print_load_header("arm")
     for concurrency in args.hit_load:
         await load_rows(arms, concurrency, args)
 
