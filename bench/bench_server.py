@@ -62,6 +62,9 @@ CONTEXT = (
 )
 
 
+IDLE_BETWEEN_SERVERS_S = 2.0  # longer than a vLLM CPU worker polls after its last step
+
+
 @dataclass
 class Sample:
     ttft_s: float
@@ -246,6 +249,7 @@ async def load_rows(
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             base, bodies = arms[name]
+            await asyncio.sleep(IDLE_BETWEEN_SERVERS_S)  # see cached_context
             count = max(args.requests, 2 * concurrency)
             runs[name].append(await load(base, "m", concurrency, count, bodies))
     med = {
@@ -421,8 +425,12 @@ async def cached_context(servers: dict[str, str], tokens: int, repeats: int) -> 
     }
     times: dict[str, list[float]] = {name: [] for name in arms}
     for round_ in range(repeats + 1):  # round 0 warms each arm's prefix-cache blocks
-        for prompt in CONTEXT_PROMPTS:
-            for name, (base, body) in arms.items():
+        for name, (base, body) in arms.items():
+            # vLLM's CPU worker polls for about a second after its last step, on the core that
+            # the other server's worker is bound to as well: a request sent to one server
+            # right after the other's would share that core (docs/benchmarks.md, session 12).
+            await asyncio.sleep(IDLE_BETWEEN_SERVERS_S)
+            for prompt in CONTEXT_PROMPTS:
                 # A connection per request, as the figures in docs/benchmarks.md were taken.
                 async with httpx.AsyncClient(base_url=base, timeout=600) as http:
                     sample = await one_request(http, "m", {**first, **body(prompt)})
