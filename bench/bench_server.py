@@ -1,9 +1,9 @@
 """Deliberate's server against `vllm serve`, side by side in one run, same model, same machine.
 
-Both servers run at once on loopback; rounds alternate between them so drift in the machine's
-load hits both alike. For each concurrency level: requests/s, generated tokens/s and time to
-first token (streaming). Then the cost of an augmented hit: TTFT of the same context served
-with latents against plain.
+Both servers run at once on loopback; the arms' order rotates from round to round so drift in
+the machine's load hits all alike. For each concurrency level: requests/s, generated tokens/s
+and time to first token (streaming). Then the cost of an augmented hit: TTFT of the same
+context served with latents against plain.
 
     python bench/bench_server.py --concurrency 1 8 32 --requests 64 --max-tokens 64
     python bench/bench_server.py --concurrency --context-tokens 1000 3000   # cached contexts
@@ -62,7 +62,10 @@ CONTEXT = (
 )
 
 
-IDLE_BETWEEN_SERVERS_S = 2.0  # longer than a vLLM CPU worker polls after its last step
+# vLLM's CPU worker polls for about a second after its last step, on the core that the other
+# server's worker is bound to as well: a request sent to one server right after the other's
+# would share that core (docs/benchmarks.md, session 12). Every arm starts after this idle.
+IDLE_BETWEEN_SERVERS_S = 2.0
 
 
 @dataclass
@@ -249,7 +252,7 @@ async def load_rows(
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             base, bodies = arms[name]
-            await asyncio.sleep(IDLE_BETWEEN_SERVERS_S)  # see cached_context
+            await asyncio.sleep(IDLE_BETWEEN_SERVERS_S)
             count = max(args.requests, 2 * concurrency)
             runs[name].append(await load(base, "m", concurrency, count, bodies))
     med = {
@@ -426,9 +429,6 @@ async def cached_context(servers: dict[str, str], tokens: int, repeats: int) -> 
     times: dict[str, list[float]] = {name: [] for name in arms}
     for round_ in range(repeats + 1):  # round 0 warms each arm's prefix-cache blocks
         for name, (base, body) in arms.items():
-            # vLLM's CPU worker polls for about a second after its last step, on the core that
-            # the other server's worker is bound to as well: a request sent to one server
-            # right after the other's would share that core (docs/benchmarks.md, session 12).
             await asyncio.sleep(IDLE_BETWEEN_SERVERS_S)
             for prompt in CONTEXT_PROMPTS:
                 # A connection per request, as the figures in docs/benchmarks.md were taken.
