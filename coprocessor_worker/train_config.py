@@ -95,8 +95,8 @@ class TrainConfig:
     )
     sources: Annotated[
         list[str],
-        "bundled sources to train on (without --corpus); math is another register (problems "
-        "with worked solutions), off by default",
+        "bundled sources to train on (without --corpus); off by default: math (problems with "
+        "worked solutions) and fortunes (verse, quotations, jokes; apt-get install fortunes)",
     ] = field(
         default_factory=lambda: list(BUNDLED_SOURCES),
         metadata={"choices": BUNDLED_SOURCES + EXTRA_SOURCES},
