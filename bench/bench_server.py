@@ -249,11 +249,12 @@ async def load_rows(
     medians per arm, then each arm's ratios to the first arm."""
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     names = list(arms)
+    count = max(args.requests, 2 * concurrency)
     for round_ in range(args.rounds):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             base, bodies = arms[name]
             await asyncio.sleep(IDLE_BETWEEN_SERVERS_S)
-            count = max(args.requests, 2 * concurrency)
             runs[name].append(await load(base, "m", concurrency, count, bodies))
     med = {
         name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()
