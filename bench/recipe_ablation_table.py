@@ -68,8 +68,10 @@ def rows_across_seeds(results: list[dict], forms: list[str], view: str) -> list[
     for result in results:
         for name in checkpoints(result):
             recipe, seed = recipe_and_seed(name)
-            changes = [s["change"] for s in summaries(result, name, forms, view)]
-            by_recipe.setdefault(recipe, {})[seed] = changes
+            seeds = by_recipe.setdefault(recipe, {})
+            if seed in seeds:
+                raise SystemExit(f"{recipe} seed {seed} is in more than one result")
+            seeds[seed] = [s["change"] for s in summaries(result, name, forms, view)]
     out = []
     for recipe, seeds in by_recipe.items():
         runs = [seeds[seed] for seed in sorted(seeds)]
@@ -100,13 +102,13 @@ def main() -> None:
         header.append(f"{form.replace('_', ' ')} answer ppl (acc none {acc_none:.3f})")
     if args.view != "raw" and not args.across_seeds:
         header.append(f"served ({' / '.join(['in', 'out', *forms])})")
+    if args.across_seeds:
+        body = rows_across_seeds(results, forms, args.view)
+    else:
+        body = [row for result in results for row in rows(result, forms, args.view)]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    if args.across_seeds:
-        print("\n".join(rows_across_seeds(results, forms, args.view)))
-        return
-    for result in results:
-        print("\n".join(rows(result, forms, args.view)))
+    print("\n".join(body))
 
 
 if __name__ == "__main__":
