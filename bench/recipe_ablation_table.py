@@ -35,30 +35,38 @@ def checkpoints(result: dict) -> list[str]:
     return [name for name in result["text"]["in_domain"]["perplexity"] if name != "none"]
 
 
-def summaries(result: dict, name: str, forms: list[str], view: str) -> list[dict[str, float]]:
-    """One checkpoint's changes with their CIs, in the table's column order."""
+def short_name(name: str) -> str:
+    """A checkpoint's name without the `kind:` prefix an evaluation of several adds."""
+    return name.split(":")[-1]
+
+
+def text_summaries(result: dict, name: str, view: str) -> list[dict[str, float]]:
+    """One checkpoint's text changes with their CIs: each set, each position."""
     table_key = "perplexity" if view == "raw" else "perplexity_with_value_check"
-    out = [result["text"][s][table_key][name][p] for s in TEXT_SETS for p in POSITIONS]
-    return out + [result["serving"][form][name][view] for form in forms]
+    return [result["text"][s][table_key][name][p] for s in TEXT_SETS for p in POSITIONS]
+
+
+def form_summaries(result: dict, name: str, forms: list[str], view: str) -> list[dict]:
+    return [result["serving"][form][name][view] for form in forms]
 
 
 def rows(result: dict, forms: list[str], view: str) -> list[str]:
     acc_key = "acc" if view == "raw" else "acc_with_value_check"
     out = []
     for name in checkpoints(result):
-        cells = [cell(s) for s in summaries(result, name, forms, view)]
-        for i, form in enumerate(forms, start=len(cells) - len(forms)):
-            cells[i] += f"; acc {result['serving'][form][name][acc_key]:.3f}"
+        cells = [cell(s) for s in text_summaries(result, name, view)]
+        for form, summary in zip(forms, form_summaries(result, name, forms, view), strict=True):
+            cells.append(f"{cell(summary)}; acc {result['serving'][form][name][acc_key]:.3f}")
         if view != "raw":
             served = [result["text"][s]["served_fraction"][name] for s in TEXT_SETS]
             served += [result["serving"][f][name]["served_fraction"] for f in forms]
             cells.append(" / ".join(f"{s:.0%}" for s in served))
-        out.append(f"| {name.split(':')[-1]} | " + " | ".join(cells) + " |")
+        out.append(f"| {short_name(name)} | " + " | ".join(cells) + " |")
     return out
 
 
 def recipe_and_seed(name: str) -> tuple[str, int]:
-    name = name.split(":")[-1]
+    name = short_name(name)
     match = SEED_SUFFIX.search(name)
     return (name[: match.start()], int(match[1])) if match else (name, 0)
 
@@ -71,7 +79,9 @@ def rows_across_seeds(results: list[dict], forms: list[str], view: str) -> list[
             seeds = by_recipe.setdefault(recipe, {})
             if seed in seeds:
                 raise SystemExit(f"{recipe} seed {seed} is in more than one result")
-            seeds[seed] = [s["change"] for s in summaries(result, name, forms, view)]
+            summaries = text_summaries(result, name, view)
+            summaries += form_summaries(result, name, forms, view)
+            seeds[seed] = [s["change"] for s in summaries]
     out = []
     for recipe, seeds in by_recipe.items():
         runs = [seeds[seed] for seed in sorted(seeds)]
