@@ -297,8 +297,11 @@ def task_accuracy(
         )
         prefix = first.prefix_pass(torch.tensor([ctx]))
         for m in methods:
-            model = first if m == "none" else models[m]
-            scores = continuation_logprobs(model, prefix, ctx, conts, m != "none", pad_id)
+            # A context no longer than the tail the latents replace is served plainly
+            # (status too-short), so it is scored plainly here too.
+            latents = m != "none" and len(ctx) >= models[m].config.shortest_context
+            model = models[m] if latents else first
+            scores = continuation_logprobs(model, prefix, ctx, conts, latents, pad_id)
             if task == "lambada":
                 correct[m] += int(scores[0][1].all())
                 continue

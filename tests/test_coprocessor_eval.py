@@ -61,6 +61,21 @@ def test_continuation_scores_equal_a_plain_forward(tiny_llama: Path, name: str) 
             np.testing.assert_allclose(score[0], expected.numpy(), atol=1e-5, rtol=1e-5)
 
 
+def test_task_contexts_shorter_than_the_replaced_tail_are_scored_plainly(
+    tiny_llama: Path,
+) -> None:
+    """The server serves such a context plainly (too-short); gathering its tail would index
+    before the context's start."""
+    decoder, tokenizer = load_decoder(tiny_llama, torch.float32)
+    config = CoprocessorConfig(n_latents=128, lora_rank=4, placement="replace_tail")
+    model = build_model(decoder, tokenizer, config, torch.float32)
+    cfg = ev.EvalConfig(mc_items=3)
+    contexts = [item.context for item in ev.data.MULTIPLE_CHOICE_SETS["arc_easy"]()[:3]]
+    assert all(len(ev._tokens(tokenizer, c)) < config.shortest_context for c in contexts)
+    acc = ev.task_accuracy({"tail": model}, tokenizer, "arc_easy", cfg, pad_id=0)
+    assert acc["tail"] == acc["none"]
+
+
 def test_relative_change_table_and_gate() -> None:
     rng = np.random.default_rng(0)
     none = rng.normal(3.0, 0.5, size=(300, 16))
