@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cache_store.value import ValuePolicy
+from coprocessor_worker import data
 from coprocessor_worker import evaluate as ev
 from coprocessor_worker.model import CoprocessorConfig, build_model, load_decoder
 
@@ -70,8 +71,9 @@ def test_task_contexts_shorter_than_the_replaced_tail_are_scored_plainly(
     config = CoprocessorConfig(n_latents=128, lora_rank=4, placement="replace_tail")
     model = build_model(decoder, tokenizer, config, torch.float32)
     cfg = ev.EvalConfig(mc_items=3)
-    contexts = [item.context for item in ev.data.MULTIPLE_CHOICE_SETS["arc_easy"]()[:3]]
-    assert all(len(ev._tokens(tokenizer, c)) < config.shortest_context for c in contexts)
+    contexts = [item.context for item in data.MULTIPLE_CHOICE_SETS["arc_easy"]()[:3]]
+    lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in contexts]
+    assert all(n < config.shortest_context for n in lengths)
     acc = ev.task_accuracy({"tail": model}, tokenizer, "arc_easy", cfg, pad_id=0)
     assert acc["tail"] == acc["none"]
 
