@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -262,3 +263,11 @@ def test_up_explains_a_missing_deliberate_command(tmp_path):
     result = launcher("up", "--run-dir", str(tmp_path / "run"), env=env)
     assert result.returncode == 1
     assert "scripts/setup.sh" in result.stderr
+
+
+def test_ports_picked_for_one_run_are_distinct():
+    # Picked one socket at a time, the kernel may hand the same port out twice; a worker once
+    # failed to start on the port its server had been given.
+    free_ports = runpy.run_path(str(LAUNCHER), run_name="launcher")["free_ports"]
+    ports = free_ports(64)
+    assert len(set(ports)) == 64

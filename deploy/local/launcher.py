@@ -194,10 +194,15 @@ def stop_procs(procs: list[Proc], grace: float, out=sys.stdout) -> list[Proc]:
 # --- readiness -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports. Every socket stays bound until all are picked: one at a
+    time, the kernel may hand the same port out twice (a worker then collided with the
+    server it was given the same port as)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _port_in_use(port: int) -> bool:
@@ -268,9 +273,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **_parse_env(args.env)}
 
-    server_port = args.server_port or free_port()
+    # server, workers, redis
+    auto_ports = iter(free_ports(args.workers + 2))
+    server_port = args.server_port or next(auto_ports)
     worker_ports = [
-        (args.worker_base_port + i) if args.worker_base_port else free_port()
+        (args.worker_base_port + i) if args.worker_base_port else next(auto_ports)
         for i in range(args.workers)
     ]
     for port in [server_port, *worker_ports]:
@@ -294,7 +301,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        redis_port = args.redis_port or free_port()
+        redis_port = args.redis_port or next(auto_ports)
         if _port_in_use(redis_port):
             print(f"port {redis_port} is already in use on 127.0.0.1", file=sys.stderr)
             return 1
