@@ -196,8 +196,8 @@ def stop_procs(procs: list[Proc], grace: float, out=sys.stdout) -> list[Proc]:
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct free ports. Every socket stays bound until all are picked: one at a
-    time, the kernel may hand the same port out twice (a worker then collided with the
-    server it was given the same port as)."""
+    time, the kernel may hand the same port out twice (a worker once failed to start on a
+    port already taken by its own run)."""
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
         for s in sockets:
