@@ -267,7 +267,7 @@ def test_up_explains_a_missing_deliberate_command(tmp_path):
 
 def test_ports_picked_for_one_run_are_distinct():
     # Picked one socket at a time, the kernel may hand the same port out twice; a worker once
-    # failed to start on the port its server had been given.
+    # failed to start on a port already taken by its own run.
     free_ports = runpy.run_path(str(LAUNCHER), run_name="launcher")["free_ports"]
     ports = free_ports(64)
     assert len(set(ports)) == 64
