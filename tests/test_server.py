@@ -337,7 +337,7 @@ def test_prewarm_api_and_enqueue_cli(
 def test_embedded_default_answers_plainly_while_its_gate_fails(logs: Path) -> None:
     """`deliberate serve` as the README runs it: bundled decoder and coprocessor, in-memory
     store and a worker in the process, no override. The bundled checkpoint's recorded gate
-    fails, raw and with the value check (docs/coprocessor.md, session 9), so latents are
+    fails, raw and with the value check (docs/coprocessor.md, session 17), so latents are
     neither computed nor served: answered plainly at once, saying so, and no work queued.
     `--allow-unvalidated-coprocessor` is the override the other tests here run with."""
     _, gate = read_evaluation(bundled_checkpoint_dir())
