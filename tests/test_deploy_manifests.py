@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.augmentation import AugmentationStatus
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 DOCKER = REPO / "deploy" / "docker"
@@ -94,10 +96,8 @@ KNOWN_METRICS = {
     "vllm:prefix_cache_queries_total",
     "http_requests_total",
 }
-REQUEST_STATUSES = {
-    "hit", "miss-enqueued", "miss-queue-full", "disabled", "too-short",
-    "store-unavailable", "skipped-unvalidated", "declined",
-}  # fmt: skip
+# The server owns the list of statuses; alerts and panels may name only those.
+REQUEST_STATUSES = {status.value for status in AugmentationStatus}
 
 
 # --- tools -----------------------------------------------------------------------------------
